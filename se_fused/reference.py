@@ -1,0 +1,83 @@
+"""The eager reference: ``SEBlock`` written plainly in PyTorch ops.
+
+Every backend is tested against this module (run in float64), and ``FusedSE``
+shares its parameters and ``state_dict`` layout, which is that of timm's
+``SEModule`` and torchvision's ``SqueezeExcitation``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = ("relu", "silu")
+GATES = ("sigmoid", "hard_sigmoid")
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def apply_activation(a: torch.Tensor, act: str) -> torch.Tensor:
+    return F.relu(a) if act == "relu" else F.silu(a)
+
+
+def apply_gate(e: torch.Tensor, gate: str) -> torch.Tensor:
+    return torch.sigmoid(e) if gate == "sigmoid" else F.hardsigmoid(e)
+
+
+def hidden_width(channels: int, reduction: int, rd_channels: int | None) -> int:
+    """R = ``rd_channels`` if given, else ``max(1, channels // reduction)``."""
+    if rd_channels is not None:
+        if not isinstance(rd_channels, int) or rd_channels < 1:
+            raise ValueError(f"rd_channels must be a positive int, got {rd_channels!r}")
+        return rd_channels
+    if not isinstance(reduction, int) or reduction < 1:
+        raise ValueError(f"reduction must be a positive int, got {reduction!r}")
+    return max(1, channels // reduction)
+
+
+class SEBlock(nn.Module):
+    """Squeeze-and-Excitation: ``y = x * gate(fc2(act(fc1(mean_hw(x)))))``.
+
+    Args:
+        channels: C, the number of input (and output) channels.
+        reduction: R = ``max(1, channels // reduction)`` unless ``rd_channels`` is given.
+        rd_channels: the hidden width R, overriding ``reduction``.
+        bias: whether ``fc1`` and ``fc2`` have biases.
+        act: ``"relu"`` or ``"silu"`` after ``fc1``.
+        gate: ``"sigmoid"`` or ``"hard_sigmoid"`` after ``fc2``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        reduction: int = 16,
+        *,
+        rd_channels: int | None = None,
+        bias: bool = True,
+        act: str = "relu",
+        gate: str = "sigmoid",
+    ) -> None:
+        super().__init__()
+        if not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"channels must be a positive int, got {channels!r}")
+        check_choice("act", act, ACTIVATIONS)
+        check_choice("gate", gate, GATES)
+        rd = hidden_width(channels, reduction, rd_channels)
+        self.channels = channels
+        self.rd_channels = rd
+        self.act = act
+        self.gate = gate
+        self.fc1 = nn.Conv2d(channels, rd, kernel_size=1, bias=bias)
+        self.fc2 = nn.Conv2d(rd, channels, kernel_size=1, bias=bias)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, rd_channels={self.rd_channels}, act={self.act!r}, gate={self.gate!r}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = x.mean((2, 3), keepdim=True)
+        h = apply_activation(self.fc1(z), self.act)
+        return x * apply_gate(self.fc2(h), self.gate)
