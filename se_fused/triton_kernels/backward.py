@@ -17,6 +17,7 @@ import triton.language as tl
 from ..debug import new_output
 from .common import (
     ACT_CODES,
+    MAIN_KERNEL_WARPS,
     GATE_CODES,
     activation,
     activation_grad,
@@ -218,6 +219,7 @@ def se_backward(g: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Te
         sched.num_tickets,
         ACT=ACT_CODES[act], GATE=GATE_CODES[gate_name], WRITE_DX=need_dx,
         SPLIT=sched.split, BLOCK_C=sched.block_c, BLOCK_P=sched.block_p, BLOCK_R=block_r, BLOCK_CM=block_cm,
+        num_warps=MAIN_KERNEL_WARPS,
     )
     if not need_weight_grads:
         return dx, None, None, None, None
@@ -226,8 +228,8 @@ def se_backward(g: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Te
     dw2 = new_output((c, r), dtype=param_dtype, device=x.device)
     db1 = new_output((r,), dtype=param_dtype, device=x.device) if has_b1 else None
     db2 = new_output((c,), dtype=param_dtype, device=x.device) if has_b2 else None
-    block_c = min(triton.next_power_of_2(c), 64)
-    block_r = min(triton.next_power_of_2(r), 64)
+    block_c = min(triton.next_power_of_2(c), 32)  # two 32x32 accumulators: no spills even in float64
+    block_r = min(triton.next_power_of_2(r), 32)
     launch(
         se_weight_grad_kernel, (triton.cdiv(c, block_c), triton.cdiv(r, block_r)),
         de, da, z, a, dw1, dw1 if db1 is None else db1, dw2, dw2 if db2 is None else db2,

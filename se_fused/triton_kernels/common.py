@@ -227,6 +227,7 @@ _forced: dict = {}
 TILE_ELEMENTS = 4096  # elements a program holds per loop step
 ITEM_ELEMENTS = 16384  # elements per split item: amortises its two atomics and partial-sum store
 SAMPLE_BYTES_PER_PROGRAM = 128 * 1024  # largest sample one program handles alone
+MAIN_KERNEL_WARPS = 8  # 16 tile elements a thread: fewer registers than 4 warps (see tests/compile_for_gpu.py)
 INTERPRETER_SMS = 4  # a small pretend GPU, so the interpreter takes both regimes
 
 
@@ -342,7 +343,7 @@ def launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
 
 
 def mlp_blocks(c: int, r: int) -> tuple[int, int]:
-    """(BLOCK_R, BLOCK_CM): all of R in registers, C walked in blocks of a few thousand weights."""
+    """(BLOCK_R, BLOCK_CM): all of R in registers, C walked in blocks of 2048 weights (16 a thread)."""
     block_r = _next_pow2(r)
-    block_cm = max(1, min(_next_pow2(c), 8192 // block_r))
+    block_cm = max(1, min(_next_pow2(c), 2048 // block_r))
     return block_r, block_cm

@@ -14,6 +14,7 @@ import triton.language as tl
 from ..debug import new_output
 from .common import (
     ACT_CODES,
+    MAIN_KERNEL_WARPS,
     GATE_CODES,
     activation,
     arrive_reduced,
@@ -173,5 +174,6 @@ def se_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: t
         sched.num_tickets,
         ACT=ACT_CODES[act], GATE=GATE_CODES[gate_name], HAS_B1=b1 is not None, HAS_B2=b2 is not None,
         SPLIT=sched.split, BLOCK_C=sched.block_c, BLOCK_P=sched.block_p, BLOCK_R=block_r, BLOCK_CM=block_cm,
+        num_warps=MAIN_KERNEL_WARPS,
     )
     return y, z, a, e

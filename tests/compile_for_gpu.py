@@ -1,0 +1,95 @@
+"""Compile every Triton kernel variant for real GPUs (sm_80, sm_90) on a machine without one.
+
+Run as a script with TRITON_INTERPRET unset (the interpreter never compiles). It
+catches what the CPU interpreter cannot: code that does not lower to the GPU. It
+prints each variant's register, local-memory (spill) and shared-memory use, read
+from the cubin with the cuobjdump that ships with Triton.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from se_fused.triton_kernels.common import MAIN_KERNEL_WARPS
+from se_fused.triton_kernels.backward import se_backward_kernel, se_weight_grad_kernel
+from se_fused.triton_kernels.forward import se_forward_kernel
+
+TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64"}
+
+
+def pointer_types(kernel_name: str, x: str, param: str, compute: str) -> dict[str, str]:
+    roles = {
+        "se_forward_kernel": ((x, "x y"), (param, "w1 b1 w2 b2"), (compute, "z a e partial")),
+        "se_backward_kernel": ((x, "g x dx"), (param, "w1 w2"), (compute, "a e de da dzp partial")),
+        "se_weight_grad_kernel": ((compute, "de da z a"), (param, "dw1 db1 dw2 db2")),
+    }[kernel_name]
+    types = {"ticket_ptr": "*i32", "counter_ptr": "*i32", "flag_ptr": "*i32"}
+    for dtype, names in roles:
+        types.update({f"{name}_ptr": f"*{TYPES[dtype]}" for name in names.split()})
+    return types
+
+
+def compile_variant(kernel, arch: int, x: str, param: str, constexprs: dict, unit_strides: tuple[str, ...]):
+    compute = "float64" if x == "float64" else "float32"
+    ptrs = pointer_types(kernel.fn.__name__, x, param, compute)
+    constants = dict(constexprs, **{name: 1 for name in unit_strides if name in kernel.arg_names})
+    signature = {name: ("constexpr" if name in constants else ptrs.get(name, "i32")) for name in kernel.arg_names}
+    options = {"num_warps": MAIN_KERNEL_WARPS} if kernel is not se_weight_grad_kernel else {}
+    return triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", arch, 32),
+                          options=options)
+
+
+def resource_usage(compiled) -> str:
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True)
+    lines = [line.strip() for line in out.stdout.splitlines() if "REG:" in line]
+    return lines[0] if lines else f"(cuobjdump: {out.stderr.strip() or 'no resource line'})"
+
+
+def variants():
+    common = dict(ACT=1, GATE=0, BLOCK_R=64, BLOCK_CM=32)
+    nchw = ("stride_xp", "stride_yp", "stride_gp", "stride_dp")
+    channels_last = ("stride_xc", "stride_yc", "stride_gc", "stride_dc")
+    for arch in (80, 90):
+        for x, param in (("float16", "float16"), ("bfloat16", "float32"), ("float32", "float32"),
+                         ("float64", "float64")):
+            for split in (False, True):
+                for layout, unit, blocks in (("nchw", nchw, dict(BLOCK_C=16, BLOCK_P=256)),
+                                             ("channels_last", channels_last, dict(BLOCK_C=128, BLOCK_P=32))):
+                    fwd = dict(common, HAS_B1=True, HAS_B2=True, SPLIT=split, **blocks)
+                    bwd = dict(common, WRITE_DX=True, SPLIT=split, **blocks)
+                    yield se_forward_kernel, arch, x, param, fwd, unit
+                    yield se_backward_kernel, arch, x, param, bwd, unit
+        wgrad = dict(ACT=1, HAS_B1=True, HAS_B2=True, BLOCK_C=32, BLOCK_R=32)
+        yield se_weight_grad_kernel, arch, "float16", "float32", wgrad, ()
+        yield se_weight_grad_kernel, arch, "float64", "float64", wgrad, ()
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET"):
+        print("compile_for_gpu.py needs TRITON_INTERPRET unset", file=sys.stderr)
+        return 2
+    count = 0
+    for kernel, arch, x, param, constexprs, unit in variants():
+        compiled = compile_variant(kernel, arch, x, param, constexprs, unit)
+        layout = "channels_last" if "stride_xc" in unit or "stride_gc" in unit else "nchw"
+        split = constexprs.get("SPLIT", "-")
+        print(f"sm_{arch} {kernel.fn.__name__:22s} x={x:9s} params={param:8s} split={split!s:5s} {layout:13s} "
+              f"{resource_usage(compiled)}")
+        count += 1
+    print(f"compiled {count} kernel variants")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

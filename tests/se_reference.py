@@ -1,0 +1,110 @@
+"""The float64 oracle and the accuracy rule every backend is held to.
+
+Rule: for each output and gradient, the fused error against float64 math is at
+most twice the error of eager PyTorch (``SEBlock``) in the same dtype, plus a
+floor of a few units in the last place at the tensor's scale (the eager error
+can be near zero by luck, and summation order legitimately differs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+
+import torch
+
+from se_fused import SEBlock
+
+# About two ulps at unit scale for the half types; for float32/float64, room for a
+# different summation order over up to ~10^5 terms.
+ERROR_FLOOR = {
+    torch.float16: 2e-3,
+    torch.bfloat16: 1.6e-2,
+    torch.float32: 2e-5,
+    torch.float64: 1e-11,
+}
+
+GRAD_NAMES = ("x", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    n: int
+    c: int
+    h: int
+    w: int
+    r: int
+    act: str = "relu"
+    gate: str = "sigmoid"
+    bias: bool = True
+
+    def __str__(self) -> str:
+        return f"{self.n}x{self.c}x{self.h}x{self.w}-r{self.r}-{self.act}-{self.gate}{'' if self.bias else '-nobias'}"
+
+
+def seeded(case: Case, *extra) -> torch.Generator:
+    """A generator seeded from the case, so failures reproduce but every case gets its own data."""
+    return torch.Generator().manual_seed(zlib.crc32(repr((case, extra)).encode()))
+
+
+def make_block(case: Case, cls=SEBlock, **kwargs) -> SEBlock:
+    return cls(case.c, rd_channels=case.r, bias=case.bias, act=case.act, gate=case.gate, **kwargs)
+
+
+def run_block(block, x, grad):
+    """Forward and backward; returns {"y": ..., "x": dx, "fc1.weight": ..., ...}."""
+    x = x.detach().clone().requires_grad_()
+    block.zero_grad(set_to_none=True)
+    y = block(x)
+    y.backward(grad)
+    out = {"y": y.detach(), "x": x.grad}
+    out.update({name: p.grad for name, p in block.named_parameters()})
+    return out
+
+
+def check_against_reference(case: Case, device, dtype, *, channels_last=False, param_dtype=None, cls=None,
+                            **block_kwargs):
+    """Run `cls` (FusedSE with backend="triton" by default) and assert the accuracy rule."""
+    from se_fused import FusedSE
+
+    cls = cls or FusedSE
+    if cls is FusedSE:
+        block_kwargs.setdefault("backend", "triton")
+    param_dtype = param_dtype or dtype
+    gen = seeded(case, dtype, channels_last, param_dtype)
+    oracle = make_block(case).double()
+    with torch.no_grad():
+        for name, p in oracle.named_parameters():
+            # weights ~ U(-2, 2)/sqrt(fan_in) (twice default init, so gates spread out), biases ~ U(-0.5, 0.5);
+            # rounded to param_dtype so the oracle sees exactly the parameters the others get
+            scale = 2 / p[0].numel() ** 0.5 if name.endswith("weight") else 0.5
+            p.copy_(((torch.rand(p.shape, generator=gen, dtype=torch.float64) * 2 - 1) * scale).to(param_dtype))
+    x = torch.randn(case.n, case.c, case.h, case.w, generator=gen).to(dtype)
+    grad = torch.randn(x.shape, generator=gen).to(dtype)
+    if channels_last:
+        x, grad = x.to(memory_format=torch.channels_last), grad.to(memory_format=torch.channels_last)
+
+    expected = run_block(oracle, x.double(), grad.double())
+    eager = make_block(case).to(device=device, dtype=dtype)
+    eager.load_state_dict(oracle.state_dict())
+    eager_out = run_block(eager, x.to(device), grad.to(device))
+    fused = make_block(case, cls, **block_kwargs).to(device=device, dtype=param_dtype)
+    fused.load_state_dict(oracle.state_dict())
+    fused_out = run_block(fused, x.to(device), grad.to(device))
+
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    assert fused_out["y"].dtype == dtype and fused_out["x"].dtype == dtype
+    assert fused_out["y"].is_contiguous(memory_format=memory_format), "y lost x's memory format"
+    assert fused_out["x"].is_contiguous(memory_format=memory_format), "dx lost x's memory format"
+    for name in ("y",) + GRAD_NAMES:
+        if name not in expected:
+            continue
+        ref = expected[name]
+        got = fused_out[name].cpu()
+        assert got.dtype == (dtype if name in ("y", "x") else param_dtype), f"{name} has dtype {got.dtype}"
+        err = (got.double() - ref).abs().max().item()
+        eager_err = (eager_out[name].cpu().double() - ref).abs().max().item()
+        floor = ERROR_FLOOR[dtype if name in ("y", "x") else param_dtype] * max(1.0, ref.abs().max().item())
+        bound = 2 * eager_err + floor
+        assert err <= bound, (f"{case} {dtype} channels_last={channels_last}: {name} error {err:.3g} exceeds "
+                              f"{bound:.3g} (eager error {eager_err:.3g}, floor {floor:.3g})")

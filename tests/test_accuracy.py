@@ -1,0 +1,113 @@
+"""FusedSE (Triton backend) forward output and every gradient against the float64 oracle."""
+
+import pytest
+import torch
+
+from se_fused.triton_kernels import force_schedule
+from se_reference import Case, check_against_reference
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+LAYOUTS = [pytest.param(False, id="nchw"), pytest.param(True, id="channels_last")]
+
+# shared/DESIGN.md §5: every SE input of the four model families, (C, H, R, act, gate), H = W.
+MODEL_SHAPES = {
+    "seresnet50": [(256, 56, 16), (512, 28, 32), (1024, 14, 64), (2048, 7, 128)],
+    "efficientnet_b0": [(32, 112, 8), (96, 56, 4), (144, 56, 6), (144, 28, 6), (240, 28, 10), (240, 14, 10),
+                        (480, 14, 20), (672, 14, 28), (672, 7, 28), (1152, 7, 48)],
+    "mobilenetv3_large": [(72, 28, 24), (120, 28, 32), (480, 14, 120), (672, 14, 168), (672, 7, 168),
+                          (960, 7, 240)],
+    "regnety_1.6gf": [(48, 56, 8), (48, 56, 12), (120, 28, 12), (120, 28, 30), (336, 14, 30), (336, 14, 84),
+                      (888, 7, 84), (888, 7, 222)],
+}
+MODEL_ACT_GATE = {
+    "seresnet50": ("relu", "sigmoid"),
+    "efficientnet_b0": ("silu", "sigmoid"),
+    "mobilenetv3_large": ("relu", "hard_sigmoid"),
+    "regnety_1.6gf": ("relu", "sigmoid"),
+}
+
+
+def _model_cases():
+    for model, shapes in MODEL_SHAPES.items():
+        act, gate = MODEL_ACT_GATE[model]
+        for c, hw, r in shapes:
+            yield pytest.param((c, hw, r, act, gate), id=f"{model}-{c}x{hw}x{hw}-r{r}")
+
+
+def _spatial(hw: int, device) -> int:
+    # The interpreter is slow: on the CPU, spatial sizes above 14 shrink to 14 (7x7 stays 7x7).
+    # 14x14 still spreads each sample over many items of the split schedule.
+    return hw if device.type == "cuda" else min(hw, 14)
+
+
+@pytest.mark.parametrize("channels_last", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", list(_model_cases()))
+def test_model_shapes(shape, dtype, channels_last, device):
+    c, hw, r, act, gate = shape
+    hw = _spatial(hw, device)
+    check_against_reference(Case(2, c, hw, hw, r, act, gate), device, dtype, channels_last=channels_last)
+
+
+EDGE_CASES = [
+    Case(1, 1, 1, 1, 1),
+    Case(3, 3, 7, 7, 1),
+    Case(2, 3, 112, 112, 4),
+    Case(1, 48, 112, 112, 6),
+    Case(3, 1152, 1, 1, 48),
+    Case(2, 1152, 7, 7, 222),
+    Case(1, 48, 7, 7, 222),
+    Case(5, 1, 7, 7, 4),
+    Case(2, 48, 1, 7, 1),
+    Case(2, 6, 5, 1, 6),
+    Case(33, 24, 3, 5, 6),
+]
+
+
+@pytest.mark.parametrize("channels_last", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", EDGE_CASES, ids=str)
+def test_edge_shapes(case, dtype, channels_last, device):
+    check_against_reference(case, device, dtype, channels_last=channels_last)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("gate", ["sigmoid", "hard_sigmoid"])
+@pytest.mark.parametrize("act", ["relu", "silu"])
+@pytest.mark.parametrize("channels_last", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_act_gate_bias(act, gate, bias, dtype, channels_last, device):
+    check_against_reference(Case(3, 40, 9, 11, 6, act, gate, bias), device, dtype, channels_last=channels_last)
+
+
+@pytest.mark.parametrize("channels_last", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_mixed_precision_float32_params(dtype, channels_last, device):
+    check_against_reference(Case(4, 96, 14, 14, 4, "silu"), device, dtype, channels_last=channels_last,
+                            param_dtype=torch.float32)
+
+
+def test_float64(device):
+    check_against_reference(Case(3, 72, 7, 7, 24, "relu", "hard_sigmoid"), device, torch.float64)
+
+
+# Forced schedules: both regimes, samples cut into many items of odd sizes, groups and
+# programs that do and do not divide the work. Under the interpreter this runs the real
+# ticket / counter / flag logic, one program after another.
+SCHEDULES = [
+    dict(split=False),
+    dict(split=False, block_c=8, block_p=4),
+    dict(split=True, block_c=8, block_p=16, tiles_per_item=1, group_size=1, num_programs=1),
+    dict(split=True, block_c=16, block_p=8, tiles_per_item=3, group_size=2, num_programs=3),
+    dict(split=True, block_c=4, block_p=32, tiles_per_item=2, group_size=5, num_programs=64),
+    dict(split=True, block_c=64, block_p=64, tiles_per_item=1, group_size=3, num_programs=7),
+]
+
+
+@pytest.mark.parametrize("channels_last", LAYOUTS)
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+def test_forced_schedules(schedule, channels_last, device):
+    with force_schedule(**schedule):
+        check_against_reference(Case(5, 44, 9, 13, 6, "silu"), device, torch.float32, channels_last=channels_last)
+        check_against_reference(Case(4, 120, 7, 7, 32, "relu", "hard_sigmoid"), device, torch.float16,
+                                channels_last=channels_last)

@@ -1,0 +1,100 @@
+"""The kernels' contract beyond accuracy: launch counts, self-resetting workspace,
+determinism, layouts and strides."""
+
+import pytest
+import torch
+
+import se_fused
+from se_fused import FusedSE, SEBlock
+from se_fused.triton_kernels import force_schedule
+from se_fused.triton_kernels.common import workspace
+
+
+def _pair(device, c=40, r=6, **kwargs):
+    torch.manual_seed(1)
+    ref = SEBlock(c, rd_channels=r, **kwargs).to(device)
+    fused = FusedSE(c, rd_channels=r, backend="triton", **kwargs).to(device)
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["per-sample", "split"])
+def test_one_launch_forward_two_backward(split, device):
+    _, fused = _pair(device)
+    x = torch.randn(3, 40, 7, 7, device=device, requires_grad=True)
+    with force_schedule(split=split):
+        fused(x).sum().backward()  # warm-up: workspace allocation happens once
+        with se_fused.count_kernel_launches() as fwd:
+            y = fused(x)
+        with se_fused.count_kernel_launches() as bwd:
+            y.backward(torch.randn_like(y))
+    assert fwd.count == 1, fwd
+    assert bwd.count == 2, bwd
+
+
+def test_frozen_weights_backward_is_one_launch(device):
+    _, fused = _pair(device)
+    fused.requires_grad_(False)
+    x = torch.randn(2, 40, 5, 5, device=device, requires_grad=True)
+    y = fused(x)
+    with se_fused.count_kernel_launches() as bwd:
+        y.backward(torch.randn_like(y))
+    assert bwd.count == 1, bwd
+
+
+def test_input_without_grad_gets_weight_grads_only(device):
+    ref, fused = _pair(device)
+    x = torch.randn(2, 40, 5, 5, device=device)
+    g = torch.randn_like(x)
+    fused(x).backward(g)
+    ref(x).backward(g)
+    for p_ref, p_fused in zip(ref.parameters(), fused.parameters()):
+        torch.testing.assert_close(p_fused.grad, p_ref.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["per-sample", "split"])
+def test_workspace_counters_reset_and_results_deterministic(split, device):
+    _, fused = _pair(device)
+    x = torch.randn(5, 40, 9, 9, device=device, requires_grad=True)
+    g = torch.randn_like(x)
+    results = []
+    with force_schedule(split=split, block_c=8, block_p=16, num_programs=4):
+        for _ in range(2):
+            x.grad = None
+            fused.zero_grad(set_to_none=True)
+            y = fused(x)
+            y.backward(g)
+            results.append([y, x.grad] + [p.grad for p in fused.parameters()])
+    assert torch.count_nonzero(workspace(x.device).sync).item() == 0, "tickets, counters or flags left set"
+    for first, second in zip(*results):
+        assert torch.equal(first, second), "two identical calls gave different bits"
+
+
+@pytest.mark.parametrize("make_x", [
+    pytest.param(lambda x: x[:, :, ::2, :], id="strided-rows"),
+    pytest.param(lambda x: x.transpose(2, 3), id="transposed-hw"),
+    pytest.param(lambda x: x[:, 4:], id="channel-slice"),
+    pytest.param(lambda x: x[..., 1:], id="column-slice"),
+])
+def test_other_strides(make_x, device):
+    base = torch.randn(3, 40, 10, 9, device=device)
+    ref, fused = _pair(device, c=make_x(base).shape[1])
+    x_ref = make_x(base).detach().requires_grad_()
+    x_fused = make_x(base).detach().requires_grad_()
+    g = torch.randn(x_ref.shape, device=device)
+    y_ref, y_fused = ref(x_ref), fused(x_fused)
+    y_ref.backward(g)
+    y_fused.backward(g)
+    torch.testing.assert_close(y_fused, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x_fused.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_expanded_and_channels_last_upstream_gradients(device):
+    ref, fused = _pair(device)
+    x = torch.randn(2, 40, 6, 6, device=device)
+    for grad in (torch.ones(()).to(device).expand(2, 40, 6, 6),
+                 torch.randn(2, 40, 6, 6, device=device).to(memory_format=torch.channels_last)):
+        x_ref, x_fused = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ref(x_ref).backward(grad)
+        fused(x_fused).backward(grad)
+        torch.testing.assert_close(x_fused.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
