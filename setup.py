@@ -1,5 +1,93 @@
-"""Build script. The package is pure Python today (Triton kernels compile at first use)."""
+"""Build script: the package, plus the se_fused._C extension when a compiler allows.
+
+* torch with CUDA and nvcc found: CUDAExtension (C++ CPU kernel + CUDA kernels).
+* otherwise: CppExtension (C++ CPU kernel only).
+* no working compiler: the pure-Python package; the Triton and PyTorch backends still serve.
+
+Environment:
+  TORCH_CUDA_ARCH_LIST    architectures to build (default without a visible GPU: "8.0;9.0+PTX")
+  MAX_JOBS                parallel compile jobs (ninja)
+  SE_FUSED_NO_EXTENSION=1 skip the extension
+  SE_FUSED_NO_CUDA=1      build the CPU kernel only
+  SE_FUSED_REQUIRE_CUDA=1 fail the install unless the CUDA extension builds (CI uses it)
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import sysconfig
 
 from setuptools import setup
 
-setup()
+REQUIRE_CUDA = os.environ.get("SE_FUSED_REQUIRE_CUDA") == "1"
+
+
+def log(message: str) -> None:
+    print(f"se_fused setup: {message}", file=sys.stderr)
+
+
+def pip_cuda_include_dirs() -> list[str]:
+    """CUDA headers that pip's nvidia-* wheels install (torch's headers include cublas, cusparse, ...)."""
+    roots = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *sys.path}
+    found = []
+    for root in roots:
+        found += glob.glob(os.path.join(root, "nvidia", "*", "include"))
+    return sorted(set(found))
+
+
+def extension_setup() -> dict:
+    if os.environ.get("SE_FUSED_NO_EXTENSION") == "1":
+        log("SE_FUSED_NO_EXTENSION=1: pure-Python install")
+        return {}
+    if "CUDA_HOME" not in os.environ and os.path.isdir("/usr/local/cuda"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"  # before torch guesses from an nvcc on PATH
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError as err:
+        if REQUIRE_CUDA:
+            raise
+        log(f"torch is not importable at build time ({err}); pure-Python install")
+        return {}
+
+    sources = ["csrc/se_fused.cpp", "csrc/cpu/se_cpu.cpp"]
+    cxx_flags = ["-O3", "-fopenmp"]  # no -std: torch picks the standard its headers need
+    with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("SE_FUSED_NO_CUDA") != "1"
+    if REQUIRE_CUDA and not with_cuda:
+        raise RuntimeError(f"SE_FUSED_REQUIRE_CUDA=1 but torch.version.cuda={torch.version.cuda}, "
+                           f"CUDA_HOME={CUDA_HOME}")
+    if with_cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+        log(f"building CUDA + CPU kernels for TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'visible GPUs')}")
+        ext = CUDAExtension(
+            "se_fused._C",
+            sources + ["csrc/cuda/se_cuda.cu"],
+            define_macros=[("WITH_CUDA", None)],
+            include_dirs=pip_cuda_include_dirs(),
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--resource-usage"]},
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        log("building the CPU kernel only (no CUDA torch or no nvcc)")
+        ext = CppExtension("se_fused._C", sources, extra_compile_args={"cxx": cxx_flags},
+                           extra_link_args=["-fopenmp"])
+
+    class OptionalBuildExtension(BuildExtension.with_options(use_ninja=True)):
+        """A failed build leaves a working pure-Python install, unless SE_FUSED_REQUIRE_CUDA=1."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as err:  # noqa: BLE001 - any compiler failure degrades the same way
+                if REQUIRE_CUDA:
+                    raise
+                log(f"the extension failed to build ({err}); installing without it "
+                    "(backend='triton' and 'torch' still work)")
+
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuildExtension}}
+
+
+setup(**extension_setup())

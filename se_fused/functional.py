@@ -6,7 +6,7 @@ import torch
 
 from .reference import ACTIVATIONS, GATES, apply_activation, apply_gate, check_choice
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "cuda", "cpp", "triton", "torch")
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -52,8 +52,24 @@ def _check_inputs(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate, back
 
 
 def _choose_backend(x: torch.Tensor, backend: str) -> str:
+    from .ops import EXTENSION_ERROR, cuda_kernels_available, extension_available
+
     if backend == "auto":
-        return "triton" if x.is_cuda else "torch"
+        if x.is_cuda:
+            return "cuda" if cuda_kernels_available() else "triton"
+        return "cpp" if x.device.type == "cpu" and extension_available() else "torch"
+    if backend == "cuda":
+        if not x.is_cuda:
+            raise RuntimeError(f"backend='cuda' needs CUDA tensors, got x on {x.device}")
+        if not cuda_kernels_available():
+            why = f": {EXTENSION_ERROR}" if EXTENSION_ERROR else " (the extension was built without CUDA)"
+            raise RuntimeError(f"backend='cuda' needs se_fused's CUDA extension, which is not available{why}")
+    if backend == "cpp":
+        if x.device.type != "cpu":
+            raise RuntimeError(f"backend='cpp' is the C++ CPU kernel and needs CPU tensors, got x on {x.device}")
+        if not extension_available():
+            raise RuntimeError(f"backend='cpp' needs se_fused's compiled extension, which is not available: "
+                               f"{EXTENSION_ERROR}")
     if backend == "triton":
         from .triton_kernels import interpreter_enabled
 
@@ -115,7 +131,7 @@ def _torch_squeeze_excite(x, w1, b1, w2, b2, act, gate):
 
 
 @torch.compiler.disable
-def _fused(x, w1, b1, w2, b2, act, gate):
+def _triton_fused(x, w1, b1, w2, b2, act, gate):
     return SqueezeExciteFunction.apply(x, w1, b1, w2, b2, act, gate)
 
 
@@ -139,8 +155,9 @@ def squeeze_excite(
         fc2_weight: (C, R) or (C, R, 1, 1). fc2_bias: (C,) or None.
             Parameters share one dtype: x's, or float32 when x is float16/bfloat16.
         act: ``"relu"`` or ``"silu"``. gate: ``"sigmoid"`` or ``"hard_sigmoid"``.
-        backend: ``"auto"`` (Triton for CUDA tensors, PyTorch ops on CPU), ``"triton"``
-            (on CPU tensors only under TRITON_INTERPRET=1) or ``"torch"``.
+        backend: ``"auto"`` (CUDA tensors: the CUDA kernels when the extension is built, else
+            Triton; CPU tensors: the C++ kernel when built, else PyTorch ops), ``"cuda"``,
+            ``"cpp"``, ``"triton"`` (on CPU tensors only under TRITON_INTERPRET=1) or ``"torch"``.
 
     Accumulation is float32 (float64 for float64 input); gradients flow to x and
     every parameter.
@@ -151,4 +168,8 @@ def squeeze_excite(
     w1, w2 = fc1_weight.reshape(r, c), fc2_weight.reshape(c, r)
     if chosen == "torch" or x.shape[0] == 0:
         return _torch_squeeze_excite(x, w1, fc1_bias, w2, fc2_bias, act, gate)
-    return _fused(x, w1, fc1_bias, w2, fc2_bias, act, gate)
+    if chosen in ("cuda", "cpp"):
+        from .ops import squeeze_excite_op
+
+        return squeeze_excite_op(_flattenable(x), w1, fc1_bias, w2, fc2_bias, act, gate)
+    return _triton_fused(x, w1, fc1_bias, w2, fc2_bias, act, gate)

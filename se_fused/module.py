@@ -13,7 +13,7 @@ class FusedSE(SEBlock):
 
     Same constructor, parameters (``fc1``, ``fc2`` 1×1 convolutions) and
     ``state_dict`` as ``SEBlock``, so weights load both ways, plus ``backend``:
-    ``"auto"`` (default), ``"triton"`` or ``"torch"`` (see ``squeeze_excite``).
+    ``"auto"`` (default), ``"cuda"``, ``"cpp"``, ``"triton"`` or ``"torch"`` (see ``squeeze_excite``).
     """
 
     def __init__(

@@ -14,15 +14,35 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import se_fused  # noqa: E402
+from se_fused.ops import cuda_kernels_available, extension_available  # noqa: E402
 from se_fused.triton_kernels import interpreter_enabled  # noqa: E402
 
 # Devices the Triton backend is tested on: the GPU, or the CPU under the interpreter.
 TRITON_DEVICES = (["cuda"] if torch.cuda.is_available() else []) + (["cpu"] if interpreter_enabled() else [])
 
+# Every fused backend with the device it runs on here.
+BACKEND_DEVICES = (
+    [("triton", d) for d in TRITON_DEVICES]
+    + ([("cuda", "cuda")] if torch.cuda.is_available() and cuda_kernels_available() else [])
+    + ([("cpp", "cpu")] if extension_available() else [])
+)
+
+if os.environ.get("SE_FUSED_REQUIRE_EXTENSION") == "1" and not extension_available():
+    # CI builds the extension; a silently pure-Python install must not pass for a tested one.
+    raise RuntimeError(f"SE_FUSED_REQUIRE_EXTENSION=1 but se_fused._C did not load: {se_fused.ops.EXTENSION_ERROR}")
+
 
 @pytest.fixture(params=TRITON_DEVICES)
 def device(request):
+    """A device for the Triton backend."""
     return torch.device(request.param)
+
+
+@pytest.fixture(params=BACKEND_DEVICES, ids=lambda bd: f"{bd[0]}-{bd[1]}")
+def backend_device(request):
+    """(backend name, device) for every fused backend available here."""
+    backend, device = request.param
+    return backend, torch.device(device)
 
 
 @pytest.fixture(autouse=True)

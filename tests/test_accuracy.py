@@ -1,8 +1,9 @@
-"""FusedSE (Triton backend) forward output and every gradient against the float64 oracle."""
+"""FusedSE forward output and every gradient against the float64 oracle, for every backend."""
 
 import pytest
 import torch
 
+from conftest import BACKEND_DEVICES
 from se_fused.triton_kernels import force_schedule
 from se_reference import Case, check_against_reference
 
@@ -43,10 +44,11 @@ def _spatial(hw: int, device) -> int:
 @pytest.mark.parametrize("channels_last", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", list(_model_cases()))
-def test_model_shapes(shape, dtype, channels_last, device):
+def test_model_shapes(shape, dtype, channels_last, backend_device):
     c, hw, r, act, gate = shape
+    backend, device = backend_device
     hw = _spatial(hw, device)
-    check_against_reference(Case(2, c, hw, hw, r, act, gate), device, dtype, channels_last=channels_last)
+    check_against_reference(Case(2, c, hw, hw, r, act, gate), backend, device, dtype, channels_last=channels_last)
 
 
 EDGE_CASES = [
@@ -67,8 +69,8 @@ EDGE_CASES = [
 @pytest.mark.parametrize("channels_last", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", EDGE_CASES, ids=str)
-def test_edge_shapes(case, dtype, channels_last, device):
-    check_against_reference(case, device, dtype, channels_last=channels_last)
+def test_edge_shapes(case, dtype, channels_last, backend_device):
+    check_against_reference(case, *backend_device, dtype, channels_last=channels_last)
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
@@ -76,19 +78,20 @@ def test_edge_shapes(case, dtype, channels_last, device):
 @pytest.mark.parametrize("act", ["relu", "silu"])
 @pytest.mark.parametrize("channels_last", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_act_gate_bias(act, gate, bias, dtype, channels_last, device):
-    check_against_reference(Case(3, 40, 9, 11, 6, act, gate, bias), device, dtype, channels_last=channels_last)
+def test_act_gate_bias(act, gate, bias, dtype, channels_last, backend_device):
+    check_against_reference(Case(3, 40, 9, 11, 6, act, gate, bias), *backend_device, dtype,
+                            channels_last=channels_last)
 
 
 @pytest.mark.parametrize("channels_last", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_mixed_precision_float32_params(dtype, channels_last, device):
-    check_against_reference(Case(4, 96, 14, 14, 4, "silu"), device, dtype, channels_last=channels_last,
+def test_mixed_precision_float32_params(dtype, channels_last, backend_device):
+    check_against_reference(Case(4, 96, 14, 14, 4, "silu"), *backend_device, dtype, channels_last=channels_last,
                             param_dtype=torch.float32)
 
 
-def test_float64(device):
-    check_against_reference(Case(3, 72, 7, 7, 24, "relu", "hard_sigmoid"), device, torch.float64)
+def test_float64(backend_device):
+    check_against_reference(Case(3, 72, 7, 7, 24, "relu", "hard_sigmoid"), *backend_device, torch.float64)
 
 
 # Forced schedules: both regimes, samples cut into many items of odd sizes, groups and
@@ -106,8 +109,24 @@ SCHEDULES = [
 
 @pytest.mark.parametrize("channels_last", LAYOUTS)
 @pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
-def test_forced_schedules(schedule, channels_last, device):
+def test_forced_triton_schedules(schedule, channels_last, device):
     with force_schedule(**schedule):
-        check_against_reference(Case(5, 44, 9, 13, 6, "silu"), device, torch.float32, channels_last=channels_last)
-        check_against_reference(Case(4, 120, 7, 7, 32, "relu", "hard_sigmoid"), device, torch.float16,
-                                channels_last=channels_last)
+        _check_schedule_cases("triton", device, channels_last)
+
+
+if ("cuda", "cuda") in BACKEND_DEVICES:  # defined only where it can run: a GPU and the CUDA extension
+
+    @pytest.mark.parametrize("channels_last", LAYOUTS)
+    @pytest.mark.parametrize("split", ["0", "1"], ids=["per-sample", "split"])
+    def test_forced_cuda_schedules(split, channels_last, monkeypatch):
+        monkeypatch.setenv("SE_FUSED_CUDA_SPLIT", split)  # read by the binding on every call
+        _check_schedule_cases("cuda", torch.device("cuda"), channels_last)
+        for case in (Case(300, 48, 7, 7, 12), Case(3, 256, 56, 56, 16), Case(2, 2048, 7, 7, 128)):
+            check_against_reference(case, "cuda", torch.device("cuda"), torch.float16, channels_last=channels_last)
+
+
+def _check_schedule_cases(backend, device, channels_last):
+    check_against_reference(Case(5, 44, 9, 13, 6, "silu"), backend, device, torch.float32,
+                            channels_last=channels_last)
+    check_against_reference(Case(4, 120, 7, 7, 32, "relu", "hard_sigmoid"), backend, device, torch.float16,
+                            channels_last=channels_last)

@@ -32,6 +32,21 @@ def test_one_launch_forward_two_backward(split, device):
     assert bwd.count == 2, bwd
 
 
+if torch.cuda.is_available() and se_fused.ops.cuda_kernels_available():
+
+    def test_cuda_backend_one_launch_forward_two_backward():
+        torch.manual_seed(1)
+        fused = FusedSE(40, rd_channels=6, backend="cuda").cuda()
+        x = torch.randn(3, 40, 7, 7, device="cuda", requires_grad=True)
+        with se_fused.count_kernel_launches() as fwd, torch.profiler.profile() as prof:
+            y = fused(x)
+        with se_fused.count_kernel_launches() as bwd:
+            y.backward(torch.randn_like(y))
+        assert fwd.count == 1 and bwd.count == 2
+        kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        assert sum("se_forward_kernel" in k for k in kernels) == 1, kernels
+
+
 def test_frozen_weights_backward_is_one_launch(device):
     _, fused = _pair(device)
     fused.requires_grad_(False)

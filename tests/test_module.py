@@ -54,8 +54,8 @@ def test_constructor_rejects_bad_arguments():
         FusedSE(16, reduction=0)
 
 
-def test_auto_uses_plain_pytorch_on_cpu():
-    block = FusedSE(16, rd_channels=4)
+def test_torch_backend_launches_no_kernel_of_ours():
+    block = FusedSE(16, rd_channels=4, backend="torch")
     x = torch.randn(2, 16, 3, 3)
     with se_fused.count_kernel_launches() as launches:
         y = block(x)

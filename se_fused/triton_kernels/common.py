@@ -79,7 +79,8 @@ def gate_grad(e, GATE: tl.constexpr):
         s = _sigmoid(e)
         d = s * (1.0 - s)
     else:
-        d = tl.where((e > -3.0) & (e < 3.0), 1.0 / 6.0, 0.0).to(e.dtype)
+        # divide in e's dtype: a literal 1/6 would be float32 and cost float64 its precision
+        d = tl.where((e > -3.0) & (e < 3.0), 1.0, 0.0).to(e.dtype) / 6.0
     return d
 
 

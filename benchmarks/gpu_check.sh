@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Everything a GPU can tell us, in one run of under 10 minutes (shared/DESIGN.md §7):
+# versions, build against this machine's torch, the test suite on CUDA, compute-sanitizer
+# memcheck + racecheck on a small case, and a quick eager / triton / cuda timing.
+#
+#   bash benchmarks/gpu_check.sh [OUT_DIR]     (default: $OUT, else ./gpu_check_out)
+#   bash benchmarks/gpu_check.sh --dry-run     on a CPU machine: every step, shrunk, so typos surface here
+#
+# Writes at most 8 files into OUT_DIR: versions.txt build.log tests.log sanitizer.log bench.md summary.txt
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+dry_run=0
+if [ "${1:-}" = "--dry-run" ]; then dry_run=1; shift; fi
+out="${1:-${OUT:-gpu_check_out}}"
+mkdir -p "$out"
+summary="$out/summary.txt"
+: > "$summary"
+step() {  # step NAME TIMEOUT_S LOG COMMAND...: run, log, and record pass/fail with the time taken
+    local name=$1 limit=$2 log=$3; shift 3
+    local start=$SECONDS
+    echo "== $name"
+    timeout "$limit" "$@" > "$log" 2>&1
+    local rc=$?
+    printf '%-28s %-5s %4ss  (%s)\n' "$name" "$([ $rc = 0 ] && echo ok || echo FAIL:$rc)" $((SECONDS - start)) \
+        "$(basename "$log")" | tee -a "$summary"
+    tail -n 3 "$log"
+}
+
+{
+    date -u
+    git log -1 --format='commit %H %s' 2>/dev/null
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+    python -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, \
+'| cuda', torch.version.cuda, '| triton', triton.__version__, '| gpu', \
+torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
+} > "$out/versions.txt" 2>&1
+cat "$out/versions.txt"
+
+if [ $dry_run = 1 ]; then
+    # The extension is built by the install here; re-running pip would re-download nothing but take minutes.
+    step "build (dry: import only)" 120 "$out/build.log" python -c "import se_fused.ops as o; assert o.extension_available(), o.EXTENSION_ERROR; print('se_fused._C loads')"
+    step "tests (dry: a subset)" 600 "$out/tests.log" env TRITON_INTERPRET=1 python -m pytest -x -q -k "edge_shapes and 3x3x7x7" tests/test_accuracy.py
+    step "sanitizer (dry: no GPU)" 300 "$out/sanitizer.log" python benchmarks/sanitizer_case.py
+    step "bench (dry: CPU, batch 2)" 300 "$out/bench.md" python benchmarks/bench_se.py --batch 2 --shapes seresnet50 efficientnet_b0
+else
+    export MAX_JOBS=$(nproc) TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" SE_FUSED_REQUIRE_CUDA=1
+    step "build" 420 "$out/build.log" pip install --no-build-isolation --no-deps -e .
+    step "tests on CUDA" 300 "$out/tests.log" python -m pytest -x -q -p no:cacheprovider
+    {
+        compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/sanitizer_case.py &&
+        compute-sanitizer --tool racecheck --error-exitcode 1 python benchmarks/sanitizer_case.py
+    } > "$out/sanitizer.log" 2>&1
+    rc=$?
+    printf '%-28s %-5s\n' "sanitizer memcheck+racecheck" "$([ $rc = 0 ] && echo ok || echo FAIL:$rc)" | tee -a "$summary"
+    tail -n 5 "$out/sanitizer.log"
+    for layout in "" "--channels-last"; do
+        timeout 240 python benchmarks/bench_se.py --batch 64 --dtype float16 $layout \
+            --shapes seresnet50 efficientnet_b0 >> "$out/bench.md" 2>&1
+        echo "bench ${layout:-nchw} rc=$?" >> "$summary"
+    done
+fi
+
+echo
+echo "== summary ($out)"
+cat "$summary"
+grep -h '^|' "$out/bench.md" 2>/dev/null | head -40

@@ -1,0 +1,37 @@
+"""A small forward + backward through every fused backend on the GPU, for compute-sanitizer.
+
+    compute-sanitizer --tool memcheck python benchmarks/sanitizer_case.py
+Both CUDA schedules (per-sample and split) run, NCHW and channels_last, odd sizes.
+On a machine without a GPU it runs the CPU backends instead (the check script's dry run).
+"""
+
+import os
+
+import torch
+
+import se_fused
+from se_fused.ops import cuda_kernels_available, extension_available
+
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+backends = ["triton", "cuda"] if device.type == "cuda" else []
+if device.type == "cuda" and not cuda_kernels_available():
+    raise SystemExit("sanitizer_case: se_fused's CUDA kernels are not built")
+if device.type == "cpu" and extension_available():
+    backends = ["cpp"]
+
+torch.manual_seed(0)
+for backend in backends:
+    for split in ("0", "1"):
+        os.environ["SE_FUSED_CUDA_SPLIT"] = split
+        for memory_format in (torch.contiguous_format, torch.channels_last):
+            for n, c, hw, r, dtype in ((3, 72, 7, 24, torch.float16), (2, 40, 9, 6, torch.float32),
+                                       (2, 24, 13, 4, torch.bfloat16)):
+                block = se_fused.FusedSE(c, rd_channels=r, act="silu", backend=backend).to(device)
+                x = torch.randn(n, c, hw, hw, device=device, dtype=dtype).to(memory_format=memory_format)
+                x.requires_grad_()
+                y = block.to(dtype)(x)
+                y.backward(torch.randn_like(y))
+                assert torch.isfinite(x.grad).all()
+if device.type == "cuda":
+    torch.cuda.synchronize()
+print(f"sanitizer_case: ok on {device} for backends {backends}")

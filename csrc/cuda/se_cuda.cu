@@ -1,0 +1,596 @@
+// Fused SE CUDA kernels; the schedule is described in se_cuda.h.
+#include "se_cuda.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "../se_math.h"
+
+namespace se_fused {
+namespace {
+
+constexpr int kWarps = kThreads / 32;
+constexpr int kBlockChannelsRows = 32;   // NCHW: channels per item (4 per warp)
+constexpr int kBlockChannelsInner = 64;  // channels_last: channels per item
+constexpr int64_t kItemElements = 16384;  // per split item: amortises its atomics and partial-sum store
+constexpr int64_t kSampleBytesPerBlock = 128 * 1024;  // largest sample one block handles alone
+constexpr int kBlocksPerSm = 4;
+
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+
+__device__ __forceinline__ void from_acc(float v, __half& out) { out = __float2half_rn(v); }
+__device__ __forceinline__ void from_acc(float v, __nv_bfloat16& out) { out = __float2bfloat16_rn(v); }
+__device__ __forceinline__ void from_acc(float v, float& out) { out = v; }
+__device__ __forceinline__ void from_acc(double v, double& out) { out = v; }
+
+// V consecutive elements moved as one 16-byte access when V > 1.
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+template <typename T, int V, typename A>
+__device__ __forceinline__ void load_pack(const T* p, A (&out)[V]) {
+  const Pack<T, V> pk = *reinterpret_cast<const Pack<T, V>*>(p);
+#pragma unroll
+  for (int i = 0; i < V; ++i) out[i] = to_acc(pk.v[i]);
+}
+
+template <typename T, int V, typename A>
+__device__ __forceinline__ void store_pack(T* p, const A (&in)[V]) {
+  Pack<T, V> pk;
+#pragma unroll
+  for (int i = 0; i < V; ++i) from_acc(in[i], pk.v[i]);
+  *reinterpret_cast<Pack<T, V>*>(p) = pk;
+}
+
+template <typename A>
+__device__ __forceinline__ A warp_sum(A v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// One sample's view of a (C, P) tensor.
+template <typename T>
+struct SampleView {
+  T* base;
+  int64_t sc, sp;
+  __device__ T* at(int64_t c, int64_t p) const { return base + c * sc + p * sp; }
+};
+
+template <typename T>
+__device__ SampleView<T> sample_view(const void* ptr, const Strides3& s, int64_t n) {
+  return {static_cast<T*>(const_cast<void*>(ptr)) + n * s.n, s.c, s.p};
+}
+
+// out[c] = Σ_{p in [p0, p1)} a[c, p] (· b[c, p] when PRODUCT), for c in [c0, c1).
+// Vectorised (V > 1) only when the contiguous axis has stride 1 and every bound is a multiple of V.
+template <typename T, typename A, int V, bool CH_INNER, bool PRODUCT>
+__device__ void reduce_item(SampleView<const T> a, SampleView<const T> b, int64_t c0, int64_t c1, int64_t p0,
+                            int64_t p1, A* out) {
+  if constexpr (!CH_INNER) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int64_t c = c0 + warp; c < c1; c += kWarps) {
+      A acc = 0;
+      for (int64_t p = p0 + lane * V; p < p1; p += 32 * V) {
+        A va[V];
+        load_pack<T, V>(a.at(c, p), va);
+        if constexpr (PRODUCT) {
+          A vb[V];
+          load_pack<T, V>(b.at(c, p), vb);
+#pragma unroll
+          for (int i = 0; i < V; ++i) acc += va[i] * vb[i];
+        } else {
+#pragma unroll
+          for (int i = 0; i < V; ++i) acc += va[i];
+        }
+      }
+      acc = warp_sum(acc);
+      if (lane == 0) out[c] = acc;
+    }
+  } else {
+    constexpr int kLanesC = kBlockChannelsInner / V;  // threads side by side along channels
+    constexpr int kRows = kThreads / kLanesC;        // positions handled at once
+    __shared__ A rows[kRows][kBlockChannelsInner];
+    const int lane_c = threadIdx.x % kLanesC, row = threadIdx.x / kLanesC;
+    const int64_t c = c0 + lane_c * V;
+    A acc[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) acc[i] = 0;
+    if (c < c1) {
+      for (int64_t p = p0 + row; p < p1; p += kRows) {
+        A va[V];
+        load_pack<T, V>(a.at(c, p), va);
+        if constexpr (PRODUCT) {
+          A vb[V];
+          load_pack<T, V>(b.at(c, p), vb);
+#pragma unroll
+          for (int i = 0; i < V; ++i) acc[i] += va[i] * vb[i];
+        } else {
+#pragma unroll
+          for (int i = 0; i < V; ++i) acc[i] += va[i];
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < V; ++i) rows[row][lane_c * V + i] = acc[i];
+    __syncthreads();
+    if (threadIdx.x < kBlockChannelsInner && c0 + threadIdx.x < c1) {
+      A sum = 0;
+      for (int r = 0; r < kRows; ++r) sum += rows[r][threadIdx.x];
+      out[c0 + threadIdx.x] = sum;
+    }
+    __syncthreads();  // `rows` is reused by the next item
+  }
+}
+
+// out[c, p] = src[c, p] * gate(e[c]) (+ shift[c]) for c in [c0, c1), p in [p0, p1).
+// e and shift were written by other blocks in this launch: read through L2 (__ldcg).
+template <typename T, typename A, int V, bool CH_INNER>
+__device__ void rescale_item(SampleView<const T> src, SampleView<T> out, const A* e, const A* shift, Gate gate,
+                             int64_t c0, int64_t c1, int64_t p0, int64_t p1) {
+  if constexpr (!CH_INNER) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int64_t c = c0 + warp; c < c1; c += kWarps) {
+      const A s = gate_fn(__ldcg(e + c), gate);
+      const A add = shift ? __ldcg(shift + c) : A(0);
+      for (int64_t p = p0 + lane * V; p < p1; p += 32 * V) {
+        A v[V];
+        load_pack<T, V>(src.at(c, p), v);
+#pragma unroll
+        for (int i = 0; i < V; ++i) v[i] = v[i] * s + add;
+        store_pack<T, V>(out.at(c, p), v);
+      }
+    }
+  } else {
+    constexpr int kLanesC = kBlockChannelsInner / V;
+    constexpr int kRows = kThreads / kLanesC;
+    const int lane_c = threadIdx.x % kLanesC, row = threadIdx.x / kLanesC;
+    const int64_t c = c0 + lane_c * V;
+    if (c >= c1) return;
+    A s[V], add[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      s[i] = gate_fn(__ldcg(e + c + i), gate);
+      add[i] = shift ? __ldcg(shift + c + i) : A(0);
+    }
+    for (int64_t p = p0 + row; p < p1; p += kRows) {
+      A v[V];
+      load_pack<T, V>(src.at(c, p), v);
+#pragma unroll
+      for (int i = 0; i < V; ++i) v[i] = v[i] * s[i] + add[i];
+      store_pack<T, V>(out.at(c, p), v);
+    }
+  }
+}
+
+// Sample n's MLP: z = Σ partials / P, a = W1 z + b1, e = W2 act(a) + b2. `h` is R shared accumulators.
+template <typename PT, typename A>
+__device__ void excite_forward(const ForwardArgs& args, int64_t n, const A* partial, int num_segments, A* h) {
+  const int64_t C = args.c, R = args.r;
+  const PT* w1 = static_cast<const PT*>(args.w1);
+  const PT* w2 = static_cast<const PT*>(args.w2);
+  const PT* b1 = static_cast<const PT*>(args.b1);
+  const PT* b2 = static_cast<const PT*>(args.b2);
+  A* z = static_cast<A*>(args.z) + n * C;
+  A* a = static_cast<A*>(args.a) + n * R;
+  A* e = static_cast<A*>(args.e) + n * C;
+  for (int64_t c = threadIdx.x; c < C; c += kThreads) {
+    A sum = 0;
+    for (int seg = 0; seg < num_segments; ++seg) sum += __ldcg(partial + (n * num_segments + seg) * C + c);
+    z[c] = sum / static_cast<A>(args.p);
+  }
+  __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int64_t r = warp; r < R; r += kWarps) {
+    A acc = 0;
+    for (int64_t c = lane; c < C; c += 32) acc += to_acc(w1[r * args.w1_stride_r + c * args.w1_stride_c]) * z[c];
+    acc = warp_sum(acc);
+    if (lane == 0) {
+      if (b1) acc += to_acc(b1[r]);
+      a[r] = acc;
+      h[r] = activation(acc, args.act);
+    }
+  }
+  __syncthreads();
+  for (int64_t c = warp; c < C; c += kWarps) {
+    A acc = 0;
+    for (int64_t r = lane; r < R; r += 32) acc += to_acc(w2[c * args.w2_stride_c + r * args.w2_stride_r]) * h[r];
+    acc = warp_sum(acc);
+    if (lane == 0) e[c] = acc + (b2 ? to_acc(b2[c]) : A(0));
+  }
+}
+
+// Sample n's MLP backward from ds = Σ partials: de, da (R shared accumulators `da_s`), dz / P.
+template <typename PT, typename A>
+__device__ void excite_backward(const BackwardArgs& args, int64_t n, const A* partial, int num_segments, A* da_s) {
+  const int64_t C = args.c, R = args.r;
+  const PT* w1 = static_cast<const PT*>(args.w1);
+  const PT* w2 = static_cast<const PT*>(args.w2);
+  const A* a = static_cast<const A*>(args.a) + n * R;
+  const A* e = static_cast<const A*>(args.e) + n * C;
+  A* de = static_cast<A*>(args.de) + n * C;
+  A* da = static_cast<A*>(args.da) + n * R;
+  A* dzp = static_cast<A*>(args.dzp) + n * C;
+  for (int64_t c = threadIdx.x; c < C; c += kThreads) {
+    A ds = 0;
+    for (int seg = 0; seg < num_segments; ++seg) ds += __ldcg(partial + (n * num_segments + seg) * C + c);
+    de[c] = ds * gate_grad(e[c], args.gate);
+  }
+  __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int64_t r = warp; r < R; r += kWarps) {
+    A dh = 0;
+    for (int64_t c = lane; c < C; c += 32) dh += to_acc(w2[c * args.w2_stride_c + r * args.w2_stride_r]) * de[c];
+    dh = warp_sum(dh);
+    if (lane == 0) {
+      const A v = dh * activation_grad(a[r], args.act);
+      da[r] = v;
+      da_s[r] = v;
+    }
+  }
+  __syncthreads();
+  for (int64_t c = threadIdx.x; c < C; c += kThreads) {
+    A dz = 0;
+    for (int64_t r = 0; r < R; ++r) dz += to_acc(w1[r * args.w1_stride_r + c * args.w1_stride_c]) * da_s[r];
+    dzp[c] = dz / static_cast<A>(args.p);
+  }
+}
+
+struct Item {
+  bool is_reduce;
+  int64_t n, c0, c1, p0, p1;
+  int seg;
+};
+
+// Ticket -> item, in the order documented in se_cuda.h.
+__device__ Item decode_ticket(int ticket, const CudaSchedule& s, int64_t C, int64_t P) {
+  const int group_items = s.group_size * s.items_per_sample;
+  const int half = ticket / group_items, j = ticket % group_items;
+  Item it;
+  it.is_reduce = half == 0 || (half % 2 == 1 && (half + 1) / 2 < s.num_groups);
+  const int group = it.is_reduce ? (half + 1) / 2 : (half - 1) / 2;
+  it.n = static_cast<int64_t>(group) * s.group_size + j / s.items_per_sample;
+  const int item = j % s.items_per_sample;
+  it.seg = item % s.num_segments;
+  it.c0 = static_cast<int64_t>(item / s.num_segments) * s.block_c;
+  it.c1 = min(C, it.c0 + s.block_c);
+  it.p0 = it.seg * s.seg_len;
+  it.p1 = min(P, it.p0 + s.seg_len);
+  return it;
+}
+
+// Block-wide: thread 0 draws a ticket, everyone gets it.
+__device__ int draw_ticket(int* ticket) {
+  __shared__ int drawn;
+  __syncthreads();  // everyone has read the previous `drawn`
+  if (threadIdx.x == 0) drawn = atomicAdd(ticket, 1);
+  __syncthreads();
+  return drawn;
+}
+
+// After a reduce item's partial sums are stored: true (block-wide) for the sample's last item.
+__device__ bool arrive_reduced(int* counter, int items_per_sample) {
+  __shared__ int last;
+  __threadfence();  // this thread's partial sums are visible device-wide before the count
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(counter, 1) == items_per_sample - 1;
+  __syncthreads();
+  if (last) __threadfence();
+  return last;
+}
+
+__device__ void publish(int* flag) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) atomicExch(flag, 1);
+}
+
+__device__ void wait_published(int* flag) {
+  if (threadIdx.x == 0) {
+    while (atomicAdd(flag, 0) == 0) __nanosleep(64);
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+// After a rescale item: the sample's last one zeroes its counter and flag for the next launch.
+__device__ void release_rescaled(int* counter, int* flag, int items_per_sample) {
+  __syncthreads();
+  if (threadIdx.x == 0 && atomicAdd(counter, 1) == 2 * items_per_sample - 1) {
+    atomicExch(counter, 0);
+    atomicExch(flag, 0);
+  }
+}
+
+__device__ void retire(int* ticket, int last_ticket, int num_tickets) {
+  if (threadIdx.x == 0 && last_ticket == num_tickets + static_cast<int>(gridDim.x) - 1) atomicExch(ticket, 0);
+}
+
+template <typename T, typename PT, int V, bool CH_INNER>
+__global__ void __launch_bounds__(kThreads) se_forward_kernel(ForwardArgs args, CudaSchedule s, int* sync,
+                                                              acc_t<T>* partial) {
+  using A = acc_t<T>;
+  extern __shared__ unsigned char smem[];
+  A* h = reinterpret_cast<A*>(smem);
+  const int64_t C = args.c, P = args.p;
+  if (!s.split) {
+    const int64_t n = blockIdx.x;
+    const auto x = sample_view<const T>(args.x, args.x_strides, n);
+    const auto y = sample_view<T>(args.y, args.y_strides, n);
+    for (int64_t c0 = 0; c0 < C; c0 += s.block_c)
+      reduce_item<T, A, V, CH_INNER, false>(x, x, c0, min(C, c0 + s.block_c), 0, P, partial + n * C);
+    __syncthreads();
+    excite_forward<PT>(args, n, partial, 1, h);
+    __syncthreads();
+    const A* e = static_cast<const A*>(args.e) + n * C;
+    for (int64_t c0 = 0; c0 < C; c0 += s.block_c)
+      rescale_item<T, A, V, CH_INNER>(x, y, e, nullptr, args.gate, c0, min(C, c0 + s.block_c), 0, P);
+    return;
+  }
+  int* ticket_counter = sync;
+  int* counters = sync + 1;
+  int* flags = sync + 1 + args.n;
+  int ticket;
+  while ((ticket = draw_ticket(ticket_counter)) < s.num_tickets) {
+    const Item it = decode_ticket(ticket, s, C, P);
+    if (it.n >= args.n) continue;
+    const auto x = sample_view<const T>(args.x, args.x_strides, it.n);
+    if (it.is_reduce) {
+      reduce_item<T, A, V, CH_INNER, false>(x, x, it.c0, it.c1, it.p0, it.p1,
+                                             partial + (it.n * s.num_segments + it.seg) * C);
+      if (arrive_reduced(counters + it.n, s.items_per_sample)) {
+        excite_forward<PT>(args, it.n, partial, s.num_segments, h);
+        publish(flags + it.n);
+      }
+    } else {
+      wait_published(flags + it.n);
+      const auto y = sample_view<T>(args.y, args.y_strides, it.n);
+      rescale_item<T, A, V, CH_INNER>(x, y, static_cast<const A*>(args.e) + it.n * C, nullptr, args.gate, it.c0,
+                                      it.c1, it.p0, it.p1);
+      release_rescaled(counters + it.n, flags + it.n, s.items_per_sample);
+    }
+  }
+  retire(ticket_counter, ticket, s.num_tickets);
+}
+
+template <typename T, typename PT, int V, bool CH_INNER>
+__global__ void __launch_bounds__(kThreads) se_backward_kernel(BackwardArgs args, CudaSchedule s, int* sync,
+                                                               acc_t<T>* partial) {
+  using A = acc_t<T>;
+  extern __shared__ unsigned char smem[];
+  A* da_s = reinterpret_cast<A*>(smem);
+  const int64_t C = args.c, P = args.p;
+  if (!s.split) {
+    const int64_t n = blockIdx.x;
+    const auto g = sample_view<const T>(args.grad_y, args.g_strides, n);
+    const auto x = sample_view<const T>(args.x, args.x_strides, n);
+    for (int64_t c0 = 0; c0 < C; c0 += s.block_c)
+      reduce_item<T, A, V, CH_INNER, true>(g, x, c0, min(C, c0 + s.block_c), 0, P, partial + n * C);
+    __syncthreads();
+    excite_backward<PT>(args, n, partial, 1, da_s);
+    if (!args.dx) return;
+    __syncthreads();
+    const auto dx = sample_view<T>(args.dx, args.dx_strides, n);
+    const A* e = static_cast<const A*>(args.e) + n * C;
+    const A* dzp = static_cast<const A*>(args.dzp) + n * C;
+    for (int64_t c0 = 0; c0 < C; c0 += s.block_c)
+      rescale_item<T, A, V, CH_INNER>(g, dx, e, dzp, args.gate, c0, min(C, c0 + s.block_c), 0, P);
+    return;
+  }
+  int* ticket_counter = sync;
+  int* counters = sync + 1;
+  int* flags = sync + 1 + args.n;
+  int ticket;
+  while ((ticket = draw_ticket(ticket_counter)) < s.num_tickets) {
+    const Item it = decode_ticket(ticket, s, C, P);
+    if (it.n >= args.n) continue;
+    const auto g = sample_view<const T>(args.grad_y, args.g_strides, it.n);
+    if (it.is_reduce) {
+      const auto x = sample_view<const T>(args.x, args.x_strides, it.n);
+      reduce_item<T, A, V, CH_INNER, true>(g, x, it.c0, it.c1, it.p0, it.p1,
+                                            partial + (it.n * s.num_segments + it.seg) * C);
+      if (arrive_reduced(counters + it.n, s.items_per_sample)) {
+        excite_backward<PT>(args, it.n, partial, s.num_segments, da_s);
+        publish(flags + it.n);
+      }
+    } else {
+      wait_published(flags + it.n);
+      if (args.dx) {
+        const auto dx = sample_view<T>(args.dx, args.dx_strides, it.n);
+        rescale_item<T, A, V, CH_INNER>(g, dx, static_cast<const A*>(args.e) + it.n * C,
+                                        static_cast<const A*>(args.dzp) + it.n * C, args.gate, it.c0, it.c1, it.p0,
+                                        it.p1);
+      }
+      release_rescaled(counters + it.n, flags + it.n, s.items_per_sample);
+    }
+  }
+  retire(ticket_counter, ticket, s.num_tickets);
+}
+
+// dW2 = deᵀ act(a), dW1 = daᵀ z, db2 = Σ de, db1 = Σ da, summed over n in order.
+// Block (i, j): 32 channels x 32 hidden units; thread (tx, ty) owns rows ty, ty+8, ...
+template <typename PT, typename A>
+__global__ void __launch_bounds__(kThreads) se_weight_grad_kernel(BackwardArgs args) {
+  constexpr int kTile = 32, kRowsPerThread = kTile / kWarps;
+  const int64_t C = args.c, R = args.r;
+  const int tx = threadIdx.x % kTile, ty = threadIdx.x / kTile;
+  const int64_t c = blockIdx.x * kTile + tx;
+  const A* de = static_cast<const A*>(args.de);
+  const A* da = static_cast<const A*>(args.da);
+  const A* z = static_cast<const A*>(args.z);
+  const A* a = static_cast<const A*>(args.a);
+  A dw2[kRowsPerThread] = {}, dw1[kRowsPerThread] = {};
+  for (int64_t n = 0; n < args.n; ++n) {
+    const A de_nc = c < C ? de[n * C + c] : A(0);
+    const A z_nc = c < C ? z[n * C + c] : A(0);
+#pragma unroll
+    for (int k = 0; k < kRowsPerThread; ++k) {
+      const int64_t r = blockIdx.y * kTile + ty + k * kWarps;
+      if (r < R) {
+        dw2[k] += de_nc * activation(a[n * R + r], args.act);
+        dw1[k] += z_nc * da[n * R + r];
+      }
+    }
+  }
+  PT* out_w2 = static_cast<PT*>(args.dw2);
+  PT* out_w1 = static_cast<PT*>(args.dw1);
+#pragma unroll
+  for (int k = 0; k < kRowsPerThread; ++k) {
+    const int64_t r = blockIdx.y * kTile + ty + k * kWarps;
+    if (c < C && r < R) {
+      from_acc(dw2[k], out_w2[c * args.dw2_stride_c + r * args.dw2_stride_r]);
+      from_acc(dw1[k], out_w1[r * args.dw1_stride_r + c * args.dw1_stride_c]);
+    }
+  }
+  if (args.db2 && blockIdx.y == 0 && ty == 0 && c < C) {
+    A sum = 0;
+    for (int64_t n = 0; n < args.n; ++n) sum += de[n * C + c];
+    from_acc(sum, static_cast<PT*>(args.db2)[c]);
+  }
+  const int64_t r = blockIdx.y * kTile + tx;
+  if (args.db1 && blockIdx.x == 0 && ty == 0 && r < R) {
+    A sum = 0;
+    for (int64_t n = 0; n < args.n; ++n) sum += da[n * R + r];
+    from_acc(sum, static_cast<PT*>(args.db1)[r]);
+  }
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Can every tensor in `views` be moved in V-element packs? Needs stride 1 along the
+// contiguous axis, the other strides and the axis length multiples of V, 16-byte bases.
+template <int V>
+bool packable(bool channels_inner, int64_t c, int64_t p,
+              std::initializer_list<std::pair<const void*, Strides3>> views) {
+  if (V == 1) return true;
+  if ((channels_inner ? c : p) % V != 0) return false;
+  for (const auto& [ptr, s] : views) {
+    const int64_t unit = channels_inner ? s.c : s.p, other = channels_inner ? s.p : s.c;
+    if (!aligned16(ptr) || unit != 1 || other % V != 0 || s.n % V != 0) return false;
+  }
+  return true;
+}
+
+template <typename Kernel, typename Args, typename Acc>
+cudaError_t launch(Kernel kernel, const Args& args, const CudaSchedule& s, int* sync, Acc* partial, size_t smem,
+                   cudaStream_t stream) {
+  kernel<<<s.num_blocks, kThreads, smem, stream>>>(args, s, sync, partial);
+  return cudaGetLastError();
+}
+
+// Picks (pack width, layout) for one (x dtype, parameter dtype) pair and launches.
+template <typename T, typename PT>
+cudaError_t forward_typed(const ForwardArgs& args, const CudaSchedule& s, int* sync, void* partial,
+                          cudaStream_t stream) {
+  using A = acc_t<T>;
+  constexpr int V = 16 / sizeof(T);
+  const bool inner = args.x_strides.c == 1 && args.x_strides.p != 1;
+  const bool packed = packable<V>(inner, args.c, args.p, {{args.x, args.x_strides}, {args.y, args.y_strides}});
+  const size_t smem = args.r * sizeof(A);
+  A* part = static_cast<A*>(partial);
+  if (inner) {
+    return packed ? launch(se_forward_kernel<T, PT, V, true>, args, s, sync, part, smem, stream)
+                  : launch(se_forward_kernel<T, PT, 1, true>, args, s, sync, part, smem, stream);
+  }
+  return packed ? launch(se_forward_kernel<T, PT, V, false>, args, s, sync, part, smem, stream)
+                : launch(se_forward_kernel<T, PT, 1, false>, args, s, sync, part, smem, stream);
+}
+
+template <typename T, typename PT>
+cudaError_t backward_typed(const BackwardArgs& args, const CudaSchedule& s, int* sync, void* partial,
+                           cudaStream_t stream) {
+  using A = acc_t<T>;
+  constexpr int V = 16 / sizeof(T);
+  const bool inner = args.x_strides.c == 1 && args.x_strides.p != 1;
+  const bool packed = packable<V>(inner, args.c, args.p,
+                                  {{args.grad_y, args.g_strides}, {args.x, args.x_strides},
+                                   {args.dx ? args.dx : args.x, args.dx ? args.dx_strides : args.x_strides}});
+  const size_t smem = args.r * sizeof(A);
+  A* part = static_cast<A*>(partial);
+  cudaError_t err;
+  if (inner) {
+    err = packed ? launch(se_backward_kernel<T, PT, V, true>, args, s, sync, part, smem, stream)
+                 : launch(se_backward_kernel<T, PT, 1, true>, args, s, sync, part, smem, stream);
+  } else {
+    err = packed ? launch(se_backward_kernel<T, PT, V, false>, args, s, sync, part, smem, stream)
+                 : launch(se_backward_kernel<T, PT, 1, false>, args, s, sync, part, smem, stream);
+  }
+  if (err != cudaSuccess || !args.dw1) return err;
+  const dim3 grid((args.c + 31) / 32, (args.r + 31) / 32);
+  se_weight_grad_kernel<PT, A><<<grid, kThreads, 0, stream>>>(args);
+  return cudaGetLastError();
+}
+
+template <typename Args, typename Fn>
+cudaError_t dispatch_types(const Args& args, Fn&& fn) {
+  const DType x = args.x_dtype, p = args.param_dtype;
+  if (x == DType::kFloat && p == DType::kFloat) return fn(float{}, float{});
+  if (x == DType::kDouble && p == DType::kDouble) return fn(double{}, double{});
+  if (x == DType::kHalf && p == DType::kHalf) return fn(__half{}, __half{});
+  if (x == DType::kHalf && p == DType::kFloat) return fn(__half{}, float{});
+  if (x == DType::kBFloat16 && p == DType::kBFloat16) return fn(__nv_bfloat16{}, __nv_bfloat16{});
+  if (x == DType::kBFloat16 && p == DType::kFloat) return fn(__nv_bfloat16{}, float{});
+  return cudaErrorInvalidValue;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace
+
+CudaSchedule plan_cuda_schedule(int64_t n, int64_t c, int64_t p, bool channels_inner, int element_size,
+                                int num_sms, int force_split) {
+  CudaSchedule s{};
+  s.block_c = channels_inner ? kBlockChannelsInner : kBlockChannelsRows;
+  const int64_t channel_blocks = ceil_div(c, s.block_c);
+  const int64_t resident = static_cast<int64_t>(num_sms) * kBlocksPerSm;
+  s.split = force_split >= 0 ? force_split == 1 : !(n >= resident && c * p * element_size <= kSampleBytesPerBlock);
+  if (!s.split) {
+    s.seg_len = p;
+    s.num_segments = 1;
+    s.items_per_sample = static_cast<int>(channel_blocks);
+    s.group_size = 1;
+    s.num_groups = static_cast<int>(n);
+    s.num_blocks = static_cast<int>(n);
+    return s;
+  }
+  // Segments are multiples of 256 positions, so every pack width divides them.
+  const int64_t unit = 256;
+  int64_t seg = std::max<int64_t>(unit, ceil_div(kItemElements / s.block_c, unit) * unit);
+  if (n * channel_blocks * ceil_div(p, seg) < 2 * resident) seg = unit;  // more, smaller items to fill the GPU
+  s.seg_len = std::min(seg, ceil_div(p, unit) * unit);
+  s.num_segments = static_cast<int>(ceil_div(p, s.seg_len));
+  s.items_per_sample = static_cast<int>(channel_blocks * s.num_segments);
+  s.group_size = static_cast<int>(std::min<int64_t>(n, ceil_div(resident, s.items_per_sample)));
+  s.num_groups = static_cast<int>(ceil_div(n, s.group_size));
+  s.num_tickets = 2 * s.num_groups * s.group_size * s.items_per_sample;
+  s.num_blocks = static_cast<int>(std::min<int64_t>(resident, s.num_tickets));
+  return s;
+}
+
+cudaError_t se_forward_cuda(const ForwardArgs& args, const CudaSchedule& schedule, int* sync, void* partial,
+                            cudaStream_t stream) {
+  return dispatch_types(args, [&](auto t, auto pt) {
+    return forward_typed<decltype(t), decltype(pt)>(args, schedule, sync, partial, stream);
+  });
+}
+
+cudaError_t se_backward_cuda(const BackwardArgs& args, const CudaSchedule& schedule, int* sync, void* partial,
+                             cudaStream_t stream) {
+  return dispatch_types(args, [&](auto t, auto pt) {
+    return backward_typed<decltype(t), decltype(pt)>(args, schedule, sync, partial, stream);
+  });
+}
+
+}  // namespace se_fused

@@ -1,0 +1,47 @@
+// Fused SE CUDA kernels: forward in one launch, backward in two. CUDA headers only.
+//
+// Schedule (shared/DESIGN.md §3, the same as the Triton kernels): a sample's (C, P)
+// slice is cut into items (a block of channels x a segment of positions).
+// - split = false: one thread block owns a whole sample (reduce, MLP, rescale).
+// - split = true: persistent blocks take tickets from an atomic counter, ordered
+//   "reduce g0 | reduce g1 | rescale g0 | reduce g2 | rescale g1 | ... | rescale g_last"
+//   over groups of samples. The last reduce item of a sample (per-sample counter) runs
+//   the MLP and raises the sample's flag; rescale items wait for it. A block waits only
+//   on smaller tickets, held by running blocks that never wait: no deadlock on any GPU.
+// Counters and flags reset themselves (the last user zeroes them): no memset per call.
+// Partial sums are added in a fixed order: results are bitwise deterministic.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "../se_params.h"
+
+namespace se_fused {
+
+struct CudaSchedule {
+  bool split;
+  int block_c;            // channels per item
+  int64_t seg_len;        // positions per item
+  int num_segments;       // items along P per sample
+  int items_per_sample;
+  int group_size;         // samples per ticket group
+  int num_groups;
+  int num_tickets;
+  int num_blocks;         // grid size
+};
+
+constexpr int kThreads = 256;
+
+// force_split: -1 lets the heuristic choose; 0 or 1 forces the regime.
+CudaSchedule plan_cuda_schedule(int64_t n, int64_t c, int64_t p, bool channels_inner, int element_size,
+                                int num_sms, int force_split);
+
+// `sync` points at 1 + 2*n zero-initialised ints (ticket, per-sample counters, per-sample
+// flags) that are zero again when the kernel ends. `partial` holds n * num_segments * c
+// accumulators (float, or double for double input). Returns the launch error, if any.
+cudaError_t se_forward_cuda(const ForwardArgs& args, const CudaSchedule& schedule, int* sync, void* partial,
+                            cudaStream_t stream);
+cudaError_t se_backward_cuda(const BackwardArgs& args, const CudaSchedule& schedule, int* sync, void* partial,
+                             cudaStream_t stream);
+
+}  // namespace se_fused
