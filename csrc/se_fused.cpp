@@ -35,7 +35,9 @@ namespace {
 
 using at::Tensor;
 
-constexpr int64_t kMaxSharedAccumulatorBytes = 48 * 1024;  // R accumulators live in shared memory
+// R accumulators live in dynamic shared memory; with up to 8 KiB of static shared memory beside
+// them, 32 KiB keeps a block under the 48 KiB available without opt-in.
+constexpr int64_t kMaxSharedAccumulatorBytes = 32 * 1024;
 
 DType to_dtype(at::ScalarType t) {
   switch (t) {

@@ -9,8 +9,8 @@ from se_fused.ops import extension_available
 
 EXT_DEVICES = [d for b, d in BACKEND_DEVICES if b in ("cpp", "cuda")]
 
-if not EXT_DEVICES:
-    raise RuntimeError("se_fused._C is not built: build it (pip install -e .) to test the compiled ops")
+if not EXT_DEVICES:  # a pure-Python install (no compiler); CI sets SE_FUSED_REQUIRE_EXTENSION=1, see conftest
+    pytest.skip("se_fused._C is not built, so there are no compiled ops to test", allow_module_level=True)
 
 
 def _op_args(device, dtype=torch.float32, n=3, c=12, r=5, h=4, w=6, bias=True, channels_last=False):
