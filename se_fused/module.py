@@ -31,6 +31,17 @@ class FusedSE(SEBlock):
         check_choice("backend", backend, BACKENDS)
         self.backend = backend
 
+    @classmethod
+    def from_module(cls, module: torch.nn.Module, backend: str = "auto") -> "FusedSE":
+        """A FusedSE computing what `module` (timm / torchvision SE module, SEBlock) computes, same weights."""
+        from .convert import fused_from_module
+
+        fused = fused_from_module(module, backend)
+        if fused is None:
+            raise ValueError(f"cannot convert {type(module).__name__}: not a recognised SE module with a 1x1 "
+                             "fc1/fc2, a ReLU or SiLU activation and a sigmoid or hard-sigmoid gate")
+        return fused
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend!r}"
 
