@@ -1,35 +1,123 @@
-"""First microbenchmark: eager SEBlock vs FusedSE on the available device.
+"""SE microbenchmarks: FusedSE against eager, torch.compile, timm and torchvision, on real model shapes.
 
-    python benchmarks/bench_se.py                 # GPU if there is one, else CPU
-    python benchmarks/bench_se.py --batch 128 --dtype bfloat16 --channels-last --shapes seresnet50
+    python benchmarks/bench_se.py --out bench_out            # quick set on the available device
+    python benchmarks/bench_se.py --full --out bench_out     # every shape, batch, dtype, layout, pass
+    python benchmarks/bench_se.py --models seresnet50 --batches 128 --dtypes bfloat16
 
-GPU timings use triton.testing.do_bench (median with 20th/80th percentiles, after
-warm-up), rotating over several input buffers so small shapes are not served from
-L2. Achieved bandwidth counts the floor's bytes (shared/DESIGN.md §2: 2B forward,
-5B forward+backward) and is compared with a device-to-device copy measured in the
-same run. CPU timings are wall-clock medians and say so.
+Shapes are the SE inputs of shared/DESIGN.md §5, each with its model's R, act and gate.
+Contenders run in the same process: eager SEBlock; torch.compile(SEBlock) in default and
+max-autotune modes (compile time reported apart, in compile_s); timm SEModule and
+torchvision SqueezeExcitation where installed; FusedSE with every backend available.
+Passes: forward (no grad), forward+backward, backward alone.
+
+GPU timing: triton.testing.do_bench (warm-up, then median with 20th/80th percentiles),
+rotating over input buffers that together exceed the L2 cache. Achieved bandwidth counts
+the floor's bytes (§2: forward 2B, backward 3B, forward+backward 5B, B = the bytes of x)
+and is compared with a device-to-device copy measured in the same run. Kernel launches per
+call come from torch.profiler; peak memory is that of forward+backward above the inputs.
+CPU timing: wall-clock medians, labelled as CPU results.
+
+Writes bench.csv, bench.md and bench.png (speedup over eager) into --out.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import math
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from se_fused import FusedSE, SEBlock
-from se_fused.ops import cuda_kernels_available, extension_available
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-# (label, C, H, R, act, gate) from shared/DESIGN.md §5
-SHAPES = [
-    ("seresnet50 s1", 256, 56, 16, "relu", "sigmoid"),
-    ("seresnet50 s4", 2048, 7, 128, "relu", "sigmoid"),
-    ("efficientnet_b0 b2", 96, 56, 4, "silu", "sigmoid"),
-    ("efficientnet_b0 b7", 1152, 7, 48, "silu", "sigmoid"),
-    ("mobilenetv3 b4", 72, 28, 24, "relu", "hard_sigmoid"),
-]
-L2_FLUSH_BYTES = 256 * 1024 * 1024  # rotate inputs until this many bytes are live: far above any L2
+from se_fused import FusedSE, SEBlock  # noqa: E402
+from se_fused.ops import cuda_kernels_available, extension_available  # noqa: E402
+
+# shared/DESIGN.md §5: model -> [(C, H, R)], with the model's act and gate
+MODELS = {
+    "seresnet50": ([(256, 56, 16), (512, 28, 32), (1024, 14, 64), (2048, 7, 128)], "relu", "sigmoid"),
+    "efficientnet_b0": ([(32, 112, 8), (96, 56, 4), (144, 56, 6), (144, 28, 6), (240, 28, 10), (240, 14, 10),
+                         (480, 14, 20), (672, 14, 28), (672, 7, 28), (1152, 7, 48)], "silu", "sigmoid"),
+    "mobilenetv3_large": ([(72, 28, 24), (120, 28, 32), (480, 14, 120), (672, 14, 168), (672, 7, 168),
+                           (960, 7, 240)], "relu", "hard_sigmoid"),
+    "regnety_1.6gf": ([(48, 56, 8), (48, 56, 12), (120, 28, 12), (120, 28, 30), (336, 14, 30), (336, 14, 84),
+                       (888, 7, 84), (888, 7, 222)], "relu", "sigmoid"),
+}
+QUICK_SHAPES = {"seresnet50": [0, 3], "efficientnet_b0": [1, 9], "mobilenetv3_large": [2], "regnety_1.6gf": [6]}
+PASSES = ("forward", "forward+backward", "backward")
+FLOOR_FACTOR = {"forward": 2, "backward": 3, "forward+backward": 5}
+L2_ROTATION_BYTES = 256 * 1024 * 1024
+CSV_FIELDS = ["device", "model", "shape", "batch", "dtype", "layout", "pass", "contender", "status", "median_ms",
+              "p20_ms", "p80_ms", "speedup_vs_eager", "speedup_vs_best_compile", "floor_gbps", "copy_share",
+              "launches", "peak_mem_mib", "eager_peak_mem_mib", "compile_s"]
+
+
+# ----------------------------------------------------------------------------- contenders
+
+
+def _timm_se(c, r, act, gate):
+    import timm.layers
+
+    act_layer = torch.nn.SiLU if act == "silu" else torch.nn.ReLU
+    return timm.layers.SEModule(c, rd_channels=r, act_layer=act_layer, gate_layer=gate)
+
+
+def _torchvision_se(c, r, act, gate):
+    from torchvision.ops import SqueezeExcitation
+
+    return SqueezeExcitation(c, r, activation=torch.nn.SiLU if act == "silu" else torch.nn.ReLU,
+                             scale_activation=torch.nn.Hardsigmoid if gate == "hard_sigmoid" else torch.nn.Sigmoid)
+
+
+def contenders(device: torch.device, compile_modes: list[str]):
+    """[(name, factory or None, why unavailable)]; factory(c, r, act, gate, reference) -> module."""
+    def eager(c, r, act, gate, ref):
+        return ref
+
+    def compiled(mode):
+        def make(c, r, act, gate, ref):
+            return torch.compile(ref, mode=None if mode == "default" else mode)
+        return make
+
+    def fused(backend):
+        def make(c, r, act, gate, ref):
+            block = FusedSE(c, rd_channels=r, act=act, gate=gate, backend=backend).to(ref.fc1.weight)
+            block.load_state_dict(ref.state_dict())
+            return block
+        return make
+
+    def third_party(build):
+        def make(c, r, act, gate, ref):
+            block = build(c, r, act, gate).to(ref.fc1.weight)
+            block.load_state_dict(ref.state_dict())
+            return block
+        return make
+
+    out = [("eager SEBlock", eager, "")]
+    for mode in ("default", "max-autotune"):
+        why = "" if mode in compile_modes else "not selected (--compile-modes)"
+        out.append((f"torch.compile {mode}", None if why else compiled(mode), why))
+    for label, module_name, build in (("timm SEModule", "timm", _timm_se),
+                                      ("torchvision SqueezeExcitation", "torchvision", _torchvision_se)):
+        try:
+            __import__(module_name)
+            out.append((label, third_party(build), ""))
+        except ImportError:
+            out.append((label, None, f"{module_name} not installed"))
+    gpu = device.type == "cuda"
+    for backend, ok, why in (("cuda", gpu and cuda_kernels_available(), "needs a GPU and the CUDA extension"),
+                             ("triton", gpu, "GPU only (the CPU interpreter is no benchmark)"),
+                             ("cpp", not gpu and extension_available(), "CPU only, needs the extension"),
+                             ("torch", not gpu, "measured on CPU only")):
+        out.append((f"FusedSE {backend}", fused(backend) if ok else None, "" if ok else why))
+    return out
+
+
+# ----------------------------------------------------------------------------- timing
 
 
 def time_ms(fn, device: torch.device) -> tuple[float, float, float]:
@@ -37,7 +125,7 @@ def time_ms(fn, device: torch.device) -> tuple[float, float, float]:
     if device.type == "cuda":
         import triton.testing
 
-        return tuple(triton.testing.do_bench(fn, warmup=25, rep=200, quantiles=[0.5, 0.2, 0.8]))
+        return tuple(triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8]))
     for _ in range(3):
         fn()
     samples = []
@@ -53,78 +141,237 @@ def copy_bandwidth(device: torch.device) -> float | None:
     """Bytes read + written per second by a large device-to-device copy."""
     if device.type != "cuda":
         return None
-    src = torch.empty(L2_FLUSH_BYTES // 2, dtype=torch.uint8, device=device)
+    src = torch.empty(L2_ROTATION_BYTES // 2, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    ms, _, _ = time_ms(lambda: dst.copy_(src), device)
-    return 2 * src.numel() / (ms * 1e-3)
+    return 2 * src.numel() / (time_ms(lambda: dst.copy_(src), device)[0] * 1e-3)
 
 
-def rotating(make, count: int):
-    """A callable that hands out `count` pre-made inputs in turn."""
-    items = [make() for _ in range(count)]
-    state = {"i": 0}
+def kernel_launches(fn, device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
-    def next_item():
-        state["i"] = (state["i"] + 1) % count
-        return items[state["i"]]
 
-    return next_item
+def peak_memory_mib(fn, device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def pass_fn(block, pass_name, inputs, grad):
+    """A callable running one pass on the next input buffer."""
+    params = [p for p in block.parameters() if p.requires_grad]
+    if pass_name == "forward":
+        def run():
+            with torch.no_grad():
+                block(inputs.next()[0])
+    elif pass_name == "forward+backward":
+        def run():
+            x = inputs.next()[0]
+            torch.autograd.grad(block(x), [x] + params, grad)
+    else:
+        graphs = [(x, block(x)) for x, _ in inputs.items]  # forward once per buffer, graphs kept
+
+        def run():
+            x, y = graphs[inputs.next()[1]]
+            torch.autograd.grad(y, [x] + params, grad, retain_graph=True)
+    return run
+
+
+class Rotation:
+    """Input buffers handed out in turn, enough of them to exceed the L2 cache on a GPU."""
+
+    def __init__(self, make, nbytes: int, device: torch.device) -> None:
+        count = max(2, math.ceil(L2_ROTATION_BYTES / nbytes)) if device.type == "cuda" else 2
+        self.items = [(make(), i) for i in range(min(count, 64))]
+        self.i = 0
+
+    def next(self):
+        self.i = (self.i + 1) % len(self.items)
+        return self.items[self.i]
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def configurations(args):
+    for model, (shapes, act, gate) in MODELS.items():
+        if args.models and model not in args.models:
+            continue
+        picked = range(len(shapes)) if args.full else QUICK_SHAPES[model]
+        for i in picked:
+            for batch in args.batches:
+                for dtype in args.dtypes:
+                    for layout in args.layouts:
+                        yield model, shapes[i], act, gate, batch, dtype, layout
 
 
 def main() -> None:
+    # The backward-alone pass reruns one graph (retain_graph=True), which donated buffers forbid.
+    if hasattr(torch._functorch.config, "donated_buffer"):
+        torch._functorch.config.donated_buffer = False
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=None, help="default: 64 on GPU, 8 on CPU")
-    parser.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
-                        help="default: float16 on GPU, float32 on CPU")
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--shapes", nargs="*", default=None, help="model prefixes to keep, e.g. seresnet50")
+    parser.add_argument("--out", default="bench_out", help="folder for bench.csv, bench.md, bench.png")
+    parser.add_argument("--full", action="store_true", help="every shape of §5 (default: a quick subset)")
+    parser.add_argument("--models", nargs="*", choices=list(MODELS))
+    parser.add_argument("--batches", nargs="*", type=int)
+    parser.add_argument("--dtypes", nargs="*", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--layouts", nargs="*", choices=["nchw", "channels_last"])
+    parser.add_argument("--passes", nargs="*", choices=PASSES)
+    parser.add_argument("--compile-modes", nargs="*", choices=["default", "max-autotune"])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    if gpu:
+        default_batches, default_dtypes = ([1, 8, 128], ["float16", "bfloat16", "float32"]) if args.full else (
+            [1, 128], ["float16"])
+    else:  # CPU: a smoke run of the same machinery, not a result
+        default_batches, default_dtypes = [1], ["float32"]
+    args.batches = args.batches or default_batches
+    args.dtypes = [getattr(torch, d) for d in (args.dtypes or default_dtypes)]
+    args.layouts = args.layouts or ["nchw", "channels_last"]
+    args.passes = args.passes or list(PASSES)
+    compile_modes = args.compile_modes if args.compile_modes is not None else (
+        ["default", "max-autotune"] if gpu else ["default"])
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    batch = args.batch or (64 if device.type == "cuda" else 8)
-    dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (timings are not GPU results)"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    card = torch.cuda.get_device_name(device) if gpu else "CPU (not a GPU result)"
     copy_bw = copy_bandwidth(device)
-    print(f"# {card}; torch {torch.__version__}; batch {batch}; {dtype}; "
-          f"{'channels_last' if args.channels_last else 'NCHW'}")
-    if copy_bw:
-        print(f"# copy bandwidth: {copy_bw / 1e9:.0f} GB/s")
-    if device.type == "cuda":
-        backends = ["triton"] + (["cuda"] if cuda_kernels_available() else [])
-    else:
-        backends = ["torch"] + (["cpp"] if extension_available() else [])
-    print("| shape | pass | contender | median ms (p20-p80) | speedup vs eager | floor GB/s | share of copy |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
-    shapes = [s for s in SHAPES if not args.shapes or any(s[0].startswith(k) for k in args.shapes)]
-    for label, c, hw, r, act, gate in shapes:
-        eager = SEBlock(c, rd_channels=r, act=act, gate=gate).to(device=device, dtype=dtype)
-        contenders = {"eager": eager}
-        for backend in backends:
-            fused = FusedSE(c, rd_channels=r, act=act, gate=gate, backend=backend).to(device=device, dtype=dtype)
-            fused.load_state_dict(eager.state_dict())
-            contenders[f"FusedSE {backend}"] = fused
-        nbytes = batch * c * hw * hw * dtype.itemsize
-        buffers = max(2, L2_FLUSH_BYTES // nbytes) if device.type == "cuda" else 2
-        inputs = rotating(lambda: torch.randn(batch, c, hw, hw, device=device, dtype=dtype)
-                          .to(memory_format=memory_format).requires_grad_(), buffers)
-        grad = torch.randn(batch, c, hw, hw, device=device, dtype=dtype).to(memory_format=memory_format)
-        for pass_name, floor_bytes in (("forward", 2 * nbytes), ("forward+backward", 5 * nbytes)):
-            eager_ms = None
-            for name, block in contenders.items():
-                if pass_name == "forward":
-                    def run(block=block):
-                        with torch.no_grad():
-                            block(inputs())
-                else:
-                    def run(block=block):
-                        block(inputs()).backward(grad)
+    header = (f"{card}; torch {torch.__version__}; "
+              + (f"copy bandwidth {copy_bw / 1e9:.0f} GB/s" if copy_bw else "no copy bandwidth on CPU"))
+    print(header, flush=True)
+    rows = []
+    configs = list(configurations(args))
+    try:
+        from tqdm import tqdm
+
+        configs = tqdm(configs, desc="shapes", file=sys.stderr)
+    except ImportError:
+        pass
+    for model, (c, hw, r), act, gate, batch, dtype, layout in configs:
+        rows += bench_config(device, copy_bw, compile_modes, args.passes, model, c, hw, r, act, gate, batch, dtype,
+                             layout)
+    write_outputs(out, rows, header)
+
+
+def bench_config(device, copy_bw, compile_modes, passes, model, c, hw, r, act, gate, batch, dtype, layout):
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    torch.manual_seed(0)
+    reference = SEBlock(c, rd_channels=r, act=act, gate=gate).to(device=device, dtype=dtype)
+    nbytes = batch * c * hw * hw * dtype.itemsize
+    inputs = Rotation(lambda: torch.randn(batch, c, hw, hw, device=device, dtype=dtype)
+                      .to(memory_format=memory_format).requires_grad_(), nbytes, device)
+    grad = torch.randn(batch, c, hw, hw, device=device, dtype=dtype).to(memory_format=memory_format)
+    base = dict(device=device.type, model=model, shape=f"{c}x{hw}x{hw} r{r}", batch=batch,
+                dtype=str(dtype).removeprefix("torch."), layout=layout)
+    results = []
+    for name, factory, why in contenders(device, compile_modes):
+        if factory is None:
+            results += [dict(base, **{"pass": p, "contender": name, "status": f"not available: {why}"})
+                        for p in passes]
+            continue
+        block = factory(c, r, act, gate, reference)
+        for pass_name in passes:
+            row = dict(base, **{"pass": pass_name, "contender": name, "status": "ok"})
+            try:
+                start = time.perf_counter()
+                run = pass_fn(block, pass_name, inputs, grad)
+                run()  # compiles torch.compile contenders and Triton kernels outside the timing
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                row["compile_s"] = round(time.perf_counter() - start, 2) if name.startswith("torch.compile") else ""
                 ms, p20, p80 = time_ms(run, device)
-                eager_ms = eager_ms or ms
-                bandwidth = floor_bytes / (ms * 1e-3)
-                share = f"{bandwidth / copy_bw:.0%}" if copy_bw else "n/a"
-                print(f"| {label} {c}x{hw}x{hw} r{r} | {pass_name} | {name} | {ms:.4f} ({p20:.4f}-{p80:.4f}) | "
-                      f"{eager_ms / ms:.2f}x | {bandwidth / 1e9:.0f} | {share} |", flush=True)
+                row.update(median_ms=ms, p20_ms=p20, p80_ms=p80)
+                row["floor_gbps"] = FLOOR_FACTOR[pass_name] * nbytes / (ms * 1e-3) / 1e9
+                row["copy_share"] = row["floor_gbps"] * 1e9 / copy_bw if copy_bw else ""
+                row["launches"] = kernel_launches(run, device) or ""
+                if pass_name == "forward+backward":
+                    row["peak_mem_mib"] = peak_memory_mib(run, device) or ""
+            except Exception as err:  # noqa: BLE001 - a contender that fails is reported, the run goes on
+                row["status"] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+            results.append(row)
+    for pass_name in passes:  # speedups within this configuration and pass
+        same = [row for row in results if row["pass"] == pass_name and row.get("median_ms")]
+        eager = next((row for row in same if row["contender"] == "eager SEBlock"), None)
+        compiled = [row["median_ms"] for row in same if row["contender"].startswith("torch.compile")]
+        for row in same:
+            row["speedup_vs_eager"] = eager["median_ms"] / row["median_ms"] if eager else ""
+            row["speedup_vs_best_compile"] = min(compiled) / row["median_ms"] if compiled else ""
+            row["eager_peak_mem_mib"] = eager.get("peak_mem_mib", "") if eager else ""
+    return results
+
+
+def _fmt(value, spec):
+    return format(value, spec) if isinstance(value, (int, float)) else (value or "")
+
+
+def write_outputs(out: Path, rows: list[dict], header: str) -> None:
+    with open(out / "bench.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [f"# SE microbenchmark\n\n{header}\n",
+             "| model | shape | batch | dtype | layout | pass | contender | median ms (p20-p80) | vs eager | "
+             "vs best compile | floor GB/s | share of copy | launches | peak MiB (eager) |",
+             "| --- | --- | ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row in rows:
+        if row["status"] != "ok":
+            continue
+        lines.append(
+            f"| {row['model']} | {row['shape']} | {row['batch']} | {row['dtype']} | {row['layout']} | {row['pass']} | "
+            f"{row['contender']} | {row['median_ms']:.4f} ({row['p20_ms']:.4f}-{row['p80_ms']:.4f}) | "
+            f"{_fmt(row.get('speedup_vs_eager'), '.2f')}x | {_fmt(row.get('speedup_vs_best_compile'), '.2f')} | "
+            f"{row['floor_gbps']:.0f} | {_fmt(row.get('copy_share'), '.0%')} | {row.get('launches', '')} | "
+            f"{_fmt(row.get('peak_mem_mib'), '.1f')} ({_fmt(row.get('eager_peak_mem_mib'), '.1f')}) |")
+    missing = sorted({(row["contender"], row["status"]) for row in rows if row["status"] != "ok"})
+    if missing:
+        lines += ["", "Not measured:"] + [f"- {name}: {status}" for name, status in missing]
+    (out / "bench.md").write_text("\n".join(lines) + "\n")
+    plot(out / "bench.png", rows, header)
+    print("\n".join(lines))
+
+
+def plot(path: Path, rows: list[dict], header: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [row for row in rows if row["status"] == "ok" and row.get("speedup_vs_eager")]
+    passes = [p for p in PASSES if any(row["pass"] == p for row in ok)]
+    colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(dict.fromkeys(row["contender"] for row in ok))}
+    fig, axes = plt.subplots(len(passes), 1, figsize=(12, 3.5 * max(1, len(passes))), squeeze=False)
+    for ax, pass_name in zip(axes[:, 0], passes):
+        these = [row for row in ok if row["pass"] == pass_name]
+        labels = list(dict.fromkeys(f"{r['model']} {r['shape']} b{r['batch']} {r['dtype']} {r['layout']}"
+                                    for r in these))
+        for contender in dict.fromkeys(row["contender"] for row in these):
+            points = {f"{r['model']} {r['shape']} b{r['batch']} {r['dtype']} {r['layout']}": r["speedup_vs_eager"]
+                      for r in these if r["contender"] == contender}
+            ax.plot(range(len(labels)), [points.get(label, float("nan")) for label in labels], marker="o",
+                    label=contender, color=colors[contender])
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_title(pass_name)
+        ax.set_ylabel("speedup over eager")
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
+        ax.legend(fontsize=7)
+    fig.suptitle(header, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_check.sh [OUT_DIR]     (default: $OUT, else ./gpu_check_out)
 #   bash benchmarks/gpu_check.sh --dry-run     on a CPU machine: every step, shrunk, so typos surface here
 #
-# Writes at most 8 files into OUT_DIR: versions.txt build.log tests.log sanitizer.log bench.md summary.txt
+# Writes 8 files into OUT_DIR: summary.txt (versions, step results, tables) build.log tests.log
+# sanitizer.log bench.csv bench.md bench.png e2e.md
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,7 +16,7 @@ if [ "${1:-}" = "--dry-run" ]; then dry_run=1; shift; fi
 out="${1:-${OUT:-gpu_check_out}}"
 mkdir -p "$out"
 summary="$out/summary.txt"
-: > "$summary"
+scratch=$(mktemp -d)
 step() {  # step NAME TIMEOUT_S LOG COMMAND...: run, log, and record pass/fail with the time taken
     local name=$1 limit=$2 log=$3; shift 3
     local start=$SECONDS
@@ -34,34 +35,29 @@ step() {  # step NAME TIMEOUT_S LOG COMMAND...: run, log, and record pass/fail w
     python -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, \
 '| cuda', torch.version.cuda, '| triton', triton.__version__, '| gpu', \
 torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
-} > "$out/versions.txt" 2>&1
-cat "$out/versions.txt"
+} > "$summary" 2>&1
+cat "$summary"
 
 if [ $dry_run = 1 ]; then
-    # The extension is built by the install here; re-running pip would re-download nothing but take minutes.
+    # The extension is built by the install here; re-running pip would take minutes for nothing.
     step "build (dry: import only)" 120 "$out/build.log" python -c "import se_fused.ops as o; assert o.extension_available(), o.EXTENSION_ERROR; print('se_fused._C loads')"
     step "tests (dry: a subset)" 600 "$out/tests.log" env TRITON_INTERPRET=1 python -m pytest -x -q -k "edge_shapes and 3x3x7x7" tests/test_accuracy.py
     step "sanitizer (dry: no GPU)" 300 "$out/sanitizer.log" python benchmarks/sanitizer_case.py
-    step "bench (dry: CPU, batch 2)" 300 "$out/bench.md" python benchmarks/bench_se.py --batch 2 --shapes seresnet50 efficientnet_b0
+    step "bench (dry: CPU)" 300 "$scratch/bench.log" python benchmarks/bench_se.py --out "$out" --models mobilenetv3_large --layouts nchw --compile-modes
+    step "end to end (dry: CPU)" 300 "$scratch/e2e.log" python benchmarks/end_to_end.py --quick --out "$scratch" --models mobilenetv3_large_100
 else
     export MAX_JOBS=$(nproc) TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" SE_FUSED_REQUIRE_CUDA=1
     step "build" 420 "$out/build.log" pip install --no-build-isolation --no-deps -e .
     step "tests on CUDA" 300 "$out/tests.log" python -m pytest -x -q -p no:cacheprovider
-    {
-        compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/sanitizer_case.py &&
-        compute-sanitizer --tool racecheck --error-exitcode 1 python benchmarks/sanitizer_case.py
-    } > "$out/sanitizer.log" 2>&1
-    rc=$?
-    printf '%-28s %-5s\n' "sanitizer memcheck+racecheck" "$([ $rc = 0 ] && echo ok || echo FAIL:$rc)" | tee -a "$summary"
-    tail -n 5 "$out/sanitizer.log"
-    for layout in "" "--channels-last"; do
-        timeout 240 python benchmarks/bench_se.py --batch 64 --dtype float16 $layout \
-            --shapes seresnet50 efficientnet_b0 >> "$out/bench.md" 2>&1
-        echo "bench ${layout:-nchw} rc=$?" >> "$summary"
-    done
+    step "sanitizer memcheck" 150 "$out/sanitizer.log" compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/sanitizer_case.py
+    step "sanitizer racecheck" 150 "$scratch/racecheck.log" compute-sanitizer --tool racecheck --error-exitcode 1 python benchmarks/sanitizer_case.py
+    cat "$scratch/racecheck.log" >> "$out/sanitizer.log"
+    step "bench (quick, fp16)" 300 "$scratch/bench.log" python benchmarks/bench_se.py --out "$out" --models seresnet50 efficientnet_b0 --batches 1 64 128 --compile-modes default
+    step "end to end (quick)" 120 "$scratch/e2e.log" python benchmarks/end_to_end.py --quick --out "$scratch"
 fi
+cp "$scratch/e2e.md" "$out/e2e.md" 2>/dev/null
+{ echo; cat "$out/e2e.md" 2>/dev/null; echo; grep -h '^|' "$out/bench.md" 2>/dev/null | head -60; } >> "$summary"
 
 echo
 echo "== summary ($out)"
 cat "$summary"
-grep -h '^|' "$out/bench.md" 2>/dev/null | head -40

@@ -1,0 +1,36 @@
+"""The benchmark scripts run end to end (CPU quick mode here) and write their outputs."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script, *args):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def test_microbenchmark_quick_mode(tmp_path):
+    _run("bench_se.py", "--out", str(tmp_path), "--models", "mobilenetv3_large", "--layouts", "nchw")
+    rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
+    measured = {(r["contender"], r["pass"]) for r in rows if r["status"] == "ok"}
+    for contender in ("eager SEBlock", "torch.compile default", "FusedSE cpp", "FusedSE torch"):
+        for pass_name in ("forward", "forward+backward", "backward"):
+            assert (contender, pass_name) in measured, (contender, pass_name, rows)
+    assert all(float(r["median_ms"]) > 0 for r in rows if r["status"] == "ok")
+    assert any(r["contender"] == "FusedSE cuda" and r["status"].startswith("not available") for r in rows)
+    assert "| mobilenetv3_large |" in (tmp_path / "bench.md").read_text()
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_end_to_end_quick_mode(tmp_path):
+    _run("end_to_end.py", "--quick", "--out", str(tmp_path), "--models", "mobilenetv3_large_100")
+    rows = list(csv.DictReader(open(tmp_path / "e2e.csv")))
+    assert {r["variant"] for r in rows} == {"before", "after"}
+    assert all(int(r["se_modules_converted"]) == 8 and float(r["max_output_diff"]) < 1e-4 for r in rows)
+    assert "train step b2" in (tmp_path / "e2e.md").read_text()
