@@ -318,105 +318,103 @@ __device__ void retire(int* ticket, int last_ticket, int num_tickets) {
   if (threadIdx.x == 0 && last_ticket == num_tickets + static_cast<int>(gridDim.x) - 1) atomicExch(ticket, 0);
 }
 
-template <typename T, typename PT, int V, bool CH_INNER>
-__global__ void __launch_bounds__(kThreads) se_forward_kernel(ForwardArgs args, CudaSchedule s, int* sync,
-                                                              acc_t<T>* partial) {
-  using A = acc_t<T>;
-  extern __shared__ unsigned char smem[];
-  A* h = reinterpret_cast<A*>(smem);
-  const int64_t C = args.c, P = args.p;
-  if (!s.split) {
+// Runs the schedule of se_cuda.h; `ops` supplies the three steps for one sample n:
+//   ops.reduce(n, c0, c1, p0, p1, out)   per-channel sums of channels [c0, c1) into out[c]
+//   ops.excite(n, num_segments)          the sample's MLP, from its partial sums
+//   ops.rescale(n, c0, c1, p0, p1)       the elementwise output of that item
+template <typename Ops, typename A>
+__device__ void run_schedule(const CudaSchedule& s, int64_t N, int64_t C, int64_t P, int* sync, A* partial,
+                             Ops& ops) {
+  if (!s.split) {  // one block owns sample blockIdx.x
     const int64_t n = blockIdx.x;
-    const auto x = sample_view<const T>(args.x, args.x_strides, n);
-    const auto y = sample_view<T>(args.y, args.y_strides, n);
-    for (int64_t c0 = 0; c0 < C; c0 += s.block_c)
-      reduce_item<T, A, V, CH_INNER, false>(x, x, c0, min(C, c0 + s.block_c), 0, P, partial + n * C);
+    for (int64_t c0 = 0; c0 < C; c0 += s.block_c) ops.reduce(n, c0, min(C, c0 + s.block_c), 0, P, partial + n * C);
     __syncthreads();
-    excite_forward<PT>(args, n, partial, 1, h);
+    ops.excite(n, 1);
     __syncthreads();
-    const A* e = static_cast<const A*>(args.e) + n * C;
-    for (int64_t c0 = 0; c0 < C; c0 += s.block_c)
-      rescale_item<T, A, V, CH_INNER>(x, y, e, nullptr, args.gate, c0, min(C, c0 + s.block_c), 0, P);
+    for (int64_t c0 = 0; c0 < C; c0 += s.block_c) ops.rescale(n, c0, min(C, c0 + s.block_c), 0, P);
     return;
   }
   int* ticket_counter = sync;
   int* counters = sync + 1;
-  int* flags = sync + 1 + args.n;
+  int* flags = sync + 1 + N;
   int ticket;
   while ((ticket = draw_ticket(ticket_counter)) < s.num_tickets) {
     const Item it = decode_ticket(ticket, s, C, P);
-    if (it.n >= args.n) continue;
-    const auto x = sample_view<const T>(args.x, args.x_strides, it.n);
+    if (it.n >= N) continue;
     if (it.is_reduce) {
-      reduce_item<T, A, V, CH_INNER, false>(x, x, it.c0, it.c1, it.p0, it.p1,
-                                             partial + (it.n * s.num_segments + it.seg) * C);
+      ops.reduce(it.n, it.c0, it.c1, it.p0, it.p1, partial + (it.n * s.num_segments + it.seg) * C);
       if (arrive_reduced(counters + it.n, s.items_per_sample)) {
-        excite_forward<PT>(args, it.n, partial, s.num_segments, h);
+        ops.excite(it.n, s.num_segments);
         publish(flags + it.n);
       }
     } else {
       wait_published(flags + it.n);
-      const auto y = sample_view<T>(args.y, args.y_strides, it.n);
-      rescale_item<T, A, V, CH_INNER>(x, y, static_cast<const A*>(args.e) + it.n * C, nullptr, args.gate, it.c0,
-                                      it.c1, it.p0, it.p1);
+      ops.rescale(it.n, it.c0, it.c1, it.p0, it.p1);
       release_rescaled(counters + it.n, flags + it.n, s.items_per_sample);
     }
   }
   retire(ticket_counter, ticket, s.num_tickets);
 }
 
+// Forward: reduce x, excite (z, a, e), rescale y = x * gate(e).
+template <typename T, typename PT, int V, bool CH_INNER>
+struct ForwardOps {
+  using A = acc_t<T>;
+  const ForwardArgs& args;
+  const A* partial;
+  A* h;  // R shared accumulators
+
+  __device__ SampleView<const T> x(int64_t n) const { return sample_view<const T>(args.x, args.x_strides, n); }
+  __device__ void reduce(int64_t n, int64_t c0, int64_t c1, int64_t p0, int64_t p1, A* out) const {
+    reduce_item<T, A, V, CH_INNER, false>(x(n), x(n), c0, c1, p0, p1, out);
+  }
+  __device__ void excite(int64_t n, int num_segments) const {
+    excite_forward<PT>(args, n, partial, num_segments, h);
+  }
+  __device__ void rescale(int64_t n, int64_t c0, int64_t c1, int64_t p0, int64_t p1) const {
+    rescale_item<T, A, V, CH_INNER>(x(n), sample_view<T>(args.y, args.y_strides, n),
+                                    static_cast<const A*>(args.e) + n * args.c, nullptr, args.gate, c0, c1, p0, p1);
+  }
+};
+
+// Backward: reduce g·x, excite backward (de, da, dz/P), rescale dx = g * gate(e) + dz/P.
+template <typename T, typename PT, int V, bool CH_INNER>
+struct BackwardOps {
+  using A = acc_t<T>;
+  const BackwardArgs& args;
+  const A* partial;
+  A* da;  // R shared accumulators
+
+  __device__ SampleView<const T> g(int64_t n) const { return sample_view<const T>(args.grad_y, args.g_strides, n); }
+  __device__ void reduce(int64_t n, int64_t c0, int64_t c1, int64_t p0, int64_t p1, A* out) const {
+    reduce_item<T, A, V, CH_INNER, true>(g(n), sample_view<const T>(args.x, args.x_strides, n), c0, c1, p0, p1,
+                                          out);
+  }
+  __device__ void excite(int64_t n, int num_segments) const {
+    excite_backward<PT>(args, n, partial, num_segments, da);
+  }
+  __device__ void rescale(int64_t n, int64_t c0, int64_t c1, int64_t p0, int64_t p1) const {
+    if (!args.dx) return;
+    rescale_item<T, A, V, CH_INNER>(g(n), sample_view<T>(args.dx, args.dx_strides, n),
+                                    static_cast<const A*>(args.e) + n * args.c,
+                                    static_cast<const A*>(args.dzp) + n * args.c, args.gate, c0, c1, p0, p1);
+  }
+};
+
+template <typename T, typename PT, int V, bool CH_INNER>
+__global__ void __launch_bounds__(kThreads) se_forward_kernel(ForwardArgs args, CudaSchedule s, int* sync,
+                                                              acc_t<T>* partial) {
+  extern __shared__ unsigned char smem[];
+  ForwardOps<T, PT, V, CH_INNER> ops{args, partial, reinterpret_cast<acc_t<T>*>(smem)};
+  run_schedule(s, args.n, args.c, args.p, sync, partial, ops);
+}
+
 template <typename T, typename PT, int V, bool CH_INNER>
 __global__ void __launch_bounds__(kThreads) se_backward_kernel(BackwardArgs args, CudaSchedule s, int* sync,
                                                                acc_t<T>* partial) {
-  using A = acc_t<T>;
   extern __shared__ unsigned char smem[];
-  A* da_s = reinterpret_cast<A*>(smem);
-  const int64_t C = args.c, P = args.p;
-  if (!s.split) {
-    const int64_t n = blockIdx.x;
-    const auto g = sample_view<const T>(args.grad_y, args.g_strides, n);
-    const auto x = sample_view<const T>(args.x, args.x_strides, n);
-    for (int64_t c0 = 0; c0 < C; c0 += s.block_c)
-      reduce_item<T, A, V, CH_INNER, true>(g, x, c0, min(C, c0 + s.block_c), 0, P, partial + n * C);
-    __syncthreads();
-    excite_backward<PT>(args, n, partial, 1, da_s);
-    if (!args.dx) return;
-    __syncthreads();
-    const auto dx = sample_view<T>(args.dx, args.dx_strides, n);
-    const A* e = static_cast<const A*>(args.e) + n * C;
-    const A* dzp = static_cast<const A*>(args.dzp) + n * C;
-    for (int64_t c0 = 0; c0 < C; c0 += s.block_c)
-      rescale_item<T, A, V, CH_INNER>(g, dx, e, dzp, args.gate, c0, min(C, c0 + s.block_c), 0, P);
-    return;
-  }
-  int* ticket_counter = sync;
-  int* counters = sync + 1;
-  int* flags = sync + 1 + args.n;
-  int ticket;
-  while ((ticket = draw_ticket(ticket_counter)) < s.num_tickets) {
-    const Item it = decode_ticket(ticket, s, C, P);
-    if (it.n >= args.n) continue;
-    const auto g = sample_view<const T>(args.grad_y, args.g_strides, it.n);
-    if (it.is_reduce) {
-      const auto x = sample_view<const T>(args.x, args.x_strides, it.n);
-      reduce_item<T, A, V, CH_INNER, true>(g, x, it.c0, it.c1, it.p0, it.p1,
-                                            partial + (it.n * s.num_segments + it.seg) * C);
-      if (arrive_reduced(counters + it.n, s.items_per_sample)) {
-        excite_backward<PT>(args, it.n, partial, s.num_segments, da_s);
-        publish(flags + it.n);
-      }
-    } else {
-      wait_published(flags + it.n);
-      if (args.dx) {
-        const auto dx = sample_view<T>(args.dx, args.dx_strides, it.n);
-        rescale_item<T, A, V, CH_INNER>(g, dx, static_cast<const A*>(args.e) + it.n * C,
-                                        static_cast<const A*>(args.dzp) + it.n * C, args.gate, it.c0, it.c1, it.p0,
-                                        it.p1);
-      }
-      release_rescaled(counters + it.n, flags + it.n, s.items_per_sample);
-    }
-  }
-  retire(ticket_counter, ticket, s.num_tickets);
+  BackwardOps<T, PT, V, CH_INNER> ops{args, partial, reinterpret_cast<acc_t<T>*>(smem)};
+  run_schedule(s, args.n, args.c, args.p, sync, partial, ops);
 }
 
 // dW2 = deᵀ act(a), dW1 = daᵀ z, db2 = Σ de, db1 = Σ da, summed over n in order.
