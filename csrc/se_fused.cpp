@@ -140,9 +140,10 @@ int64_t check_inputs(const Tensor& x, const Tensor& w1, const c10::optional<Tens
 // Self-resetting counters (zero between launches) of one (device, stream).
 Tensor cuda_sync_workspace(const Tensor& x, int64_t n) {
   static std::mutex mutex;
-  static std::map<std::pair<int, cudaStream_t>, Tensor> workspaces;
+  // Never destroyed: freeing CUDA memory from a static destructor can outlive the CUDA context.
+  static auto* workspaces = new std::map<std::pair<int, cudaStream_t>, Tensor>();
   const std::lock_guard<std::mutex> lock(mutex);
-  Tensor& ws = workspaces[{x.get_device(), at::cuda::getCurrentCUDAStream().stream()}];
+  Tensor& ws = (*workspaces)[{x.get_device(), at::cuda::getCurrentCUDAStream().stream()}];
   if (!ws.defined() || ws.numel() < 1 + 2 * n) {
     // Zeroed once here; afterwards the kernels leave every counter at zero.
     ws = at::zeros({1 + 2 * std::max<int64_t>(n, ws.defined() ? ws.numel() : 0)}, x.options().dtype(at::kInt));
