@@ -5,6 +5,8 @@
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]     (default: $OUT, else ./gpu_check_out)
 #   bash benchmarks/gpu_check.sh --dry-run     on a CPU machine: every step, shrunk, so typos surface here
+#   GPU_CHECK_STEPS="build tests" bash benchmarks/gpu_check.sh   only some steps (build tests sanitizer bench e2e),
+#                                              e.g. to finish a run that hit the device's time limit
 #
 # Writes 8 files into OUT_DIR: summary.txt (versions, step results, tables) build.log tests.log
 # sanitizer.log bench.csv bench.md bench.png e2e.md
@@ -17,8 +19,10 @@ out="${1:-${OUT:-gpu_check_out}}"
 mkdir -p "$out"
 summary="$out/summary.txt"
 scratch=$(mktemp -d)
-step() {  # step NAME TIMEOUT_S LOG COMMAND...: run, log, and record pass/fail with the time taken
-    local name=$1 limit=$2 log=$3; shift 3
+steps=" ${GPU_CHECK_STEPS:-build tests sanitizer bench e2e} "
+step() {  # step KEY NAME TIMEOUT_S LOG COMMAND...: run, log, and record pass/fail with the time taken
+    local key=$1 name=$2 limit=$3 log=$4; shift 4
+    case "$steps" in *" $key "*) ;; *) return 0 ;; esac
     local start=$SECONDS
     echo "== $name"
     timeout "$limit" "$@" > "$log" 2>&1
@@ -40,20 +44,20 @@ cat "$summary"
 
 if [ $dry_run = 1 ]; then
     # The extension is built by the install here; re-running pip would take minutes for nothing.
-    step "build (dry: import only)" 120 "$out/build.log" python -c "import se_fused.ops as o; assert o.extension_available(), o.EXTENSION_ERROR; print('se_fused._C loads')"
-    step "tests (dry: a subset)" 600 "$out/tests.log" env TRITON_INTERPRET=1 python -m pytest -x -q -k "edge_shapes and 3x3x7x7" tests/test_accuracy.py
-    step "sanitizer (dry: no GPU)" 300 "$out/sanitizer.log" python benchmarks/sanitizer_case.py
-    step "bench (dry: CPU)" 300 "$scratch/bench.log" python benchmarks/bench_se.py --out "$out" --models mobilenetv3_large --layouts nchw --compile-modes
-    step "end to end (dry: CPU)" 300 "$scratch/e2e.log" python benchmarks/end_to_end.py --quick --out "$scratch" --models mobilenetv3_large_100
+    step build "build (dry: import only)" 120 "$out/build.log" python -c "import se_fused.ops as o; assert o.extension_available(), o.EXTENSION_ERROR; print('se_fused._C loads')"
+    step tests "tests (dry: a subset)" 600 "$out/tests.log" env TRITON_INTERPRET=1 python -m pytest -x -q -k "edge_shapes and 3x3x7x7" tests/test_accuracy.py
+    step sanitizer "sanitizer (dry: no GPU)" 300 "$out/sanitizer.log" python benchmarks/sanitizer_case.py
+    step bench "bench (dry: CPU)" 300 "$scratch/bench.log" python benchmarks/bench_se.py --out "$out" --models mobilenetv3_large --layouts nchw --compile-modes
+    step e2e "end to end (dry: CPU)" 300 "$scratch/e2e.log" python benchmarks/end_to_end.py --quick --out "$scratch" --models mobilenetv3_large_100
 else
     export MAX_JOBS=$(nproc) TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" SE_FUSED_REQUIRE_CUDA=1
-    step "build" 420 "$out/build.log" pip install --no-build-isolation --no-deps -e .
-    step "tests on CUDA" 300 "$out/tests.log" python -m pytest -x -q -p no:cacheprovider
-    step "sanitizer memcheck" 150 "$out/sanitizer.log" compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/sanitizer_case.py
-    step "sanitizer racecheck" 150 "$scratch/racecheck.log" compute-sanitizer --tool racecheck --error-exitcode 1 python benchmarks/sanitizer_case.py
-    cat "$scratch/racecheck.log" >> "$out/sanitizer.log"
-    step "bench (quick, fp16)" 300 "$scratch/bench.log" python benchmarks/bench_se.py --out "$out" --models seresnet50 efficientnet_b0 --batches 1 64 128 --compile-modes default
-    step "end to end (quick)" 120 "$scratch/e2e.log" python benchmarks/end_to_end.py --quick --out "$scratch"
+    step build "build" 420 "$out/build.log" pip install --no-build-isolation --no-deps -e .
+    step tests "tests on CUDA" 300 "$out/tests.log" python -m pytest -x -q -p no:cacheprovider
+    step sanitizer "sanitizer memcheck" 150 "$out/sanitizer.log" compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/sanitizer_case.py
+    step sanitizer "sanitizer racecheck" 150 "$scratch/racecheck.log" compute-sanitizer --tool racecheck --error-exitcode 1 python benchmarks/sanitizer_case.py
+    cat "$scratch/racecheck.log" >> "$out/sanitizer.log" 2>/dev/null
+    step bench "bench (quick, fp16)" 300 "$scratch/bench.log" python benchmarks/bench_se.py --out "$out" --models seresnet50 efficientnet_b0 --batches 1 64 128 --compile-modes default
+    step e2e "end to end (quick)" 120 "$scratch/e2e.log" python benchmarks/end_to_end.py --quick --out "$scratch"
 fi
 cp "$scratch/e2e.md" "$out/e2e.md" 2>/dev/null
 { echo; cat "$out/e2e.md" 2>/dev/null; echo; grep -h '^|' "$out/bench.md" 2>/dev/null | head -60; } >> "$summary"

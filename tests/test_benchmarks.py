@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end (CPU quick mode here) and write their outputs."""
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ def _run(script, *args):
 
 
 def test_microbenchmark_quick_mode(tmp_path):
-    _run("bench_se.py", "--out", str(tmp_path), "--models", "mobilenetv3_large", "--layouts", "nchw")
+    _run("bench_se.py", "--device", "cpu", "--out", str(tmp_path), "--models", "mobilenetv3_large", "--layouts", "nchw")
     rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
     measured = {(r["contender"], r["pass"]) for r in rows if r["status"] == "ok"}
     for contender in ("eager SEBlock", "torch.compile default", "FusedSE cpp", "FusedSE torch"):
@@ -34,3 +35,16 @@ def test_end_to_end_quick_mode(tmp_path):
     assert {r["variant"] for r in rows} == {"before", "after"}
     assert all(int(r["se_modules_converted"]) == 8 and float(r["max_output_diff"]) < 1e-4 for r in rows)
     assert "train step b2" in (tmp_path / "e2e.md").read_text()
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """The GPU check script runs end to end in its dry-run mode, so a GPU session never meets a typo."""
+    env = dict(os.environ, GPU_CHECK_STEPS="build sanitizer bench e2e")  # its test step is this suite
+    out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", str(tmp_path)],
+                         capture_output=True, text=True, timeout=900, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "FAIL" not in summary, summary
+    assert summary.count(" ok ") == 4, summary
+    assert {p.name for p in tmp_path.iterdir()} == {"summary.txt", "build.log", "sanitizer.log", "bench.csv",
+                                                     "bench.md", "bench.png", "e2e.md"}
