@@ -68,11 +68,11 @@ def variants():
                                              ("channels_last", channels_last, dict(BLOCK_C=128, BLOCK_P=32))):
                     fwd = dict(common, HAS_B1=True, HAS_B2=True, SPLIT=split, **blocks)
                     bwd = dict(common, WRITE_DX=True, SPLIT=split, **blocks)
-                    yield se_forward_kernel, arch, x, param, fwd, unit
-                    yield se_backward_kernel, arch, x, param, bwd, unit
+                    yield se_forward_kernel, arch, x, param, fwd, unit, layout
+                    yield se_backward_kernel, arch, x, param, bwd, unit, layout
         wgrad = dict(ACT=1, HAS_B1=True, HAS_B2=True, BLOCK_C=32, BLOCK_R=32)
-        yield se_weight_grad_kernel, arch, "float16", "float32", wgrad, ()
-        yield se_weight_grad_kernel, arch, "float64", "float64", wgrad, ()
+        yield se_weight_grad_kernel, arch, "float16", "float32", wgrad, (), "-"
+        yield se_weight_grad_kernel, arch, "float64", "float64", wgrad, (), "-"
 
 
 def main() -> int:
@@ -80,9 +80,8 @@ def main() -> int:
         print("compile_for_gpu.py needs TRITON_INTERPRET unset", file=sys.stderr)
         return 2
     count = 0
-    for kernel, arch, x, param, constexprs, unit in variants():
+    for kernel, arch, x, param, constexprs, unit, layout in variants():
         compiled = compile_variant(kernel, arch, x, param, constexprs, unit)
-        layout = "channels_last" if "stride_xc" in unit or "stride_gc" in unit else "nchw"
         split = constexprs.get("SPLIT", "-")
         print(f"sm_{arch} {kernel.fn.__name__:22s} x={x:9s} params={param:8s} split={split!s:5s} {layout:13s} "
               f"{resource_usage(compiled)}")
