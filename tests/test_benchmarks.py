@@ -33,7 +33,7 @@ def test_end_to_end_quick_mode(tmp_path):
     _run("end_to_end.py", "--quick", "--out", str(tmp_path), "--models", "mobilenetv3_large_100")
     rows = list(csv.DictReader(open(tmp_path / "e2e.csv")))
     assert {r["variant"] for r in rows} == {"before", "after"}
-    assert all(int(r["se_modules_converted"]) == 8 and float(r["max_output_diff"]) < 1e-4 for r in rows)
+    assert all(int(r["se_modules_converted"]) == 8 and float(r["max_relative_output_diff"]) < 1e-4 for r in rows)
     assert "train step b2" in (tmp_path / "e2e.md").read_text()
 
 
