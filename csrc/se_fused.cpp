@@ -169,7 +169,7 @@ void check_cuda_limits(const Tensor& x, int64_t r) {
 #endif
 
 ForwardArgs forward_args(const Tensor& x, const Tensor& w1, const c10::optional<Tensor>& b1, const Tensor& w2,
-                         const c10::optional<Tensor>& b2, c10::string_view act, c10::string_view gate,
+                         const c10::optional<Tensor>& b2, Strides3 x_strides, Act act, Gate gate,
                          const Tensor& y, const Tensor& z, const Tensor& a, const Tensor& e) {
   ForwardArgs args{};
   args.x = x.data_ptr();
@@ -185,7 +185,7 @@ ForwardArgs forward_args(const Tensor& x, const Tensor& w1, const c10::optional<
   args.c = x.size(1);
   args.r = w1.size(0);
   args.p = x.size(2) * x.size(3);
-  args.x_strides = checked_spatial_strides(x, "x");
+  args.x_strides = x_strides;
   args.y_strides = checked_spatial_strides(y, "y");
   args.w1_stride_r = w1.stride(0);
   args.w1_stride_c = w1.stride(1);
@@ -193,8 +193,8 @@ ForwardArgs forward_args(const Tensor& x, const Tensor& w1, const c10::optional<
   args.w2_stride_r = w2.stride(1);
   args.x_dtype = to_dtype(x.scalar_type());
   args.param_dtype = to_dtype(w1.scalar_type());
-  args.act = parse_act(act);
-  args.gate = parse_gate(gate);
+  args.act = act;
+  args.gate = gate;
   return args;
 }
 
@@ -204,15 +204,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> se_forward(const Tensor& x, const Ten
                                                       const c10::optional<Tensor>& fc2_bias, c10::string_view act,
                                                       c10::string_view gate) {
   const int64_t r = check_inputs(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias);
-  checked_spatial_strides(x, "x");
-  parse_act(act);
-  parse_gate(gate);
+  // every argument is checked before anything is allocated or launched
+  const Strides3 x_strides = checked_spatial_strides(x, "x");
+  const Act act_kind = parse_act(act);
+  const Gate gate_kind = parse_gate(gate);
   const int64_t n = x.size(0), c = x.size(1);
   Tensor y = at::empty_like(x);
   const auto vec = x.options().dtype(compute_dtype(x));
   Tensor z = at::empty({n, c}, vec), a = at::empty({n, r}, vec), e = at::empty({n, c}, vec);
   if (n == 0) return {y, z, a, e};
-  const ForwardArgs args = forward_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate, y, z, a, e);
+  const ForwardArgs args =
+      forward_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, x_strides, act_kind, gate_kind, y, z, a, e);
   if (x.is_cpu()) {
     se_forward_cpu(args);
     return {y, z, a, e};
