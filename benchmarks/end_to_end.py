@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,22 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import se_fused  # noqa: E402
+from bench_se import time_ms  # noqa: E402  (this folder is on sys.path when run as a script)
 
 MODELS = ["seresnet50", "efficientnet_b0", "mobilenetv3_large_100"]
-
-
-def seconds_per_call(fn, device: torch.device, repeats: int) -> float:
-    if device.type == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=5, rep=max(50, repeats * 10)) / 1e3
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def randomise_norms(model: torch.nn.Module) -> None:
@@ -89,7 +74,7 @@ def main() -> None:
                         model.eval()(xb)
 
                 rows.append(dict(model=name, variant=label, task=f"inference b{batch}",
-                                 images_per_s=batch / seconds_per_call(infer, device, repeats)))
+                                 images_per_s=batch / (time_ms(infer, device, repeats)[0] / 1e3)))
             xt = torch.randn(train_batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
             target = torch.randint(0, 1000, (train_batch,), device=device)
             optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -105,7 +90,7 @@ def main() -> None:
                 scaler.update()
 
             rows.append(dict(model=name, variant=label, task=f"train step b{train_batch}",
-                             images_per_s=train_batch / seconds_per_call(train_step, device, repeats)))
+                             images_per_s=train_batch / (time_ms(train_step, device, repeats)[0] / 1e3)))
         for row in rows:
             if row["model"] == name:
                 row.update(se_modules_converted=converted, max_relative_output_diff=max_diff)
