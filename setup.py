@@ -37,6 +37,14 @@ def pip_cuda_include_dirs() -> list[str]:
     return sorted(set(found))
 
 
+def cuda_arch_list(torch) -> str:
+    """The architectures torch's build will target: TORCH_CUDA_ARCH_LIST, else the visible GPUs'."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    return ";".join(f"{major}.{minor}" for major, minor in caps)
+
+
 def extension_setup() -> dict:
     if os.environ.get("SE_FUSED_NO_EXTENSION") == "1":
         log("SE_FUSED_NO_EXTENSION=1: pure-Python install")
@@ -52,7 +60,7 @@ def extension_setup() -> dict:
         log(f"torch is not importable at build time ({err}); pure-Python install")
         return {}
 
-    sources = ["csrc/se_fused.cpp", "csrc/cpu/se_cpu.cpp"]
+    sources = ["csrc/se_fused.cpp", "csrc/cpu/se_cpu.cpp"]  # the schema and the CPU implementation
     cxx_flags = ["-O3", "-fopenmp"]  # no -std: torch picks the standard its headers need
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("SE_FUSED_NO_CUDA") != "1"
     if REQUIRE_CUDA and not with_cuda:
@@ -61,13 +69,15 @@ def extension_setup() -> dict:
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
-        log(f"building CUDA + CPU kernels for TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'visible GPUs')}")
+        archs = cuda_arch_list(torch)
+        log(f"building CUDA + CPU kernels for TORCH_CUDA_ARCH_LIST={archs}")
         ext = CUDAExtension(
             "se_fused._C",
-            sources + ["csrc/cuda/se_cuda.cu"],
-            define_macros=[("WITH_CUDA", None)],
+            sources + ["csrc/cuda/se_cuda_ops.cpp", "csrc/cuda/se_cuda.cu"],
             include_dirs=pip_cuda_include_dirs(),
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--resource-usage"]},
+            # a C string literal (torch shell-quotes each flag, so the list's ';' is safe)
+            extra_compile_args={"cxx": cxx_flags + [f'-DSE_FUSED_CUDA_ARCH_LIST="{archs}"'],
+                                "nvcc": ["-O3", "--resource-usage"]},
             extra_link_args=["-fopenmp"],
         )
     else:

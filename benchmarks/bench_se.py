@@ -4,7 +4,7 @@
     python benchmarks/bench_se.py --full --out bench_out     # every shape, batch, dtype, layout, pass
     python benchmarks/bench_se.py --models seresnet50 --batches 128 --dtypes bfloat16
 
-Shapes are the SE inputs of shared/DESIGN.md §5, each with its model's R, act and gate.
+Shapes are the SE inputs of docs/DESIGN.md §5 (se_fused/shapes.py), each with its model's R, act and gate.
 Contenders run in the same process: eager SEBlock; torch.compile(SEBlock) in default and
 max-autotune modes (compile time reported apart, in compile_s); timm SEModule and
 torchvision SqueezeExcitation where installed; FusedSE with every backend available.
@@ -36,17 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from se_fused import FusedSE, SEBlock  # noqa: E402
 from se_fused.ops import cuda_kernels_available, extension_available  # noqa: E402
+from se_fused.shapes import MODEL_SHAPES  # noqa: E402
 
-# shared/DESIGN.md §5: model -> [(C, H, R)], with the model's act and gate
-MODELS = {
-    "seresnet50": ([(256, 56, 16), (512, 28, 32), (1024, 14, 64), (2048, 7, 128)], "relu", "sigmoid"),
-    "efficientnet_b0": ([(32, 112, 8), (96, 56, 4), (144, 56, 6), (144, 28, 6), (240, 28, 10), (240, 14, 10),
-                         (480, 14, 20), (672, 14, 28), (672, 7, 28), (1152, 7, 48)], "silu", "sigmoid"),
-    "mobilenetv3_large": ([(72, 28, 24), (120, 28, 32), (480, 14, 120), (672, 14, 168), (672, 7, 168),
-                           (960, 7, 240)], "relu", "hard_sigmoid"),
-    "regnety_1.6gf": ([(48, 56, 8), (48, 56, 12), (120, 28, 12), (120, 28, 30), (336, 14, 30), (336, 14, 84),
-                       (888, 7, 84), (888, 7, 222)], "relu", "sigmoid"),
-}
 QUICK_SHAPES = {"seresnet50": [0, 3], "efficientnet_b0": [1, 9], "mobilenetv3_large": [2], "regnety_1.6gf": [6]}
 PASSES = ("forward", "forward+backward", "backward")
 FLOOR_FACTOR = {"forward": 2, "backward": 3, "forward+backward": 5}
@@ -205,7 +196,7 @@ class Rotation:
 
 
 def configurations(args):
-    for model, (shapes, act, gate) in MODELS.items():
+    for model, (act, gate, shapes) in MODEL_SHAPES.items():
         if args.models and model not in args.models:
             continue
         picked = range(len(shapes)) if args.full else QUICK_SHAPES[model]
@@ -218,12 +209,14 @@ def configurations(args):
 
 def main() -> None:
     # The backward-alone pass reruns one graph (retain_graph=True), which donated buffers forbid.
-    if hasattr(torch._functorch.config, "donated_buffer"):
-        torch._functorch.config.donated_buffer = False
+    import torch._functorch.config as functorch_config
+
+    if hasattr(functorch_config, "donated_buffer"):
+        functorch_config.donated_buffer = False
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench_out", help="folder for bench.csv, bench.md, bench.png")
     parser.add_argument("--full", action="store_true", help="every shape of §5 (default: a quick subset)")
-    parser.add_argument("--models", nargs="*", choices=list(MODELS))
+    parser.add_argument("--models", nargs="*", choices=list(MODEL_SHAPES))
     parser.add_argument("--batches", nargs="*", type=int)
     parser.add_argument("--dtypes", nargs="*", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--layouts", nargs="*", choices=["nchw", "channels_last"])

@@ -1,15 +1,17 @@
 """A small forward + backward through every fused backend on the GPU, for compute-sanitizer.
 
     compute-sanitizer --tool memcheck python benchmarks/sanitizer_case.py
-Both CUDA schedules (per-sample and split) run, NCHW and channels_last, odd sizes.
+Both schedules (per-sample and split) run, NCHW and channels_last, odd sizes; the cases and their
+order are those of the first GPU run's memcheck finding (shared/gpu/memcheck_sequence.py).
 On a machine without a GPU it runs the CPU backends instead (the check script's dry run).
 """
 
-import os
+import itertools
 
 import torch
 
 import se_fused
+from se_fused.debug import force_schedule
 from se_fused.ops import cuda_kernels_available, extension_available
 
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -19,19 +21,20 @@ if device.type == "cuda" and not cuda_kernels_available():
 if device.type == "cpu" and extension_available():
     backends = ["cpp"]
 
+CASES = ((3, 72, 7, 24, torch.float16), (2, 40, 9, 6, torch.float32), (2, 24, 13, 4, torch.bfloat16),
+         (2, 130, 17, 9, torch.bfloat16))
+
 torch.manual_seed(0)
-for backend in backends:
-    for split in ("0", "1"):
-        os.environ["SE_FUSED_CUDA_SPLIT"] = split
-        for memory_format in (torch.contiguous_format, torch.channels_last):
-            for n, c, hw, r, dtype in ((3, 72, 7, 24, torch.float16), (2, 40, 9, 6, torch.float32),
-                                       (2, 24, 13, 4, torch.bfloat16)):
-                block = se_fused.FusedSE(c, rd_channels=r, act="silu", backend=backend).to(device)
-                x = torch.randn(n, c, hw, hw, device=device, dtype=dtype).to(memory_format=memory_format)
-                x.requires_grad_()
-                y = block.to(dtype)(x)
-                y.backward(torch.randn_like(y))
-                assert torch.isfinite(x.grad).all()
+for backend, split, memory_format in itertools.product(backends, (False, True),
+                                                       (torch.contiguous_format, torch.channels_last)):
+    with force_schedule(split=split):
+        for n, c, hw, r, dtype in CASES:
+            block = se_fused.FusedSE(c, rd_channels=r, act="silu", backend=backend).to(device, dtype)
+            x = torch.randn(n, c, hw, hw, device=device, dtype=dtype).to(memory_format=memory_format)
+            x.requires_grad_()
+            y = block(x)
+            y.backward(torch.randn_like(y))
+            assert torch.isfinite(x.grad).all()
 if device.type == "cuda":
     torch.cuda.synchronize()
 print(f"sanitizer_case: ok on {device} for backends {backends}")

@@ -1,43 +1,37 @@
-// The torch binding: one op schema registered with TORCH_LIBRARY, argument checks
-// that name the argument, and the CPU and CUDA implementations. Kernels live in
-// cpu/ and cuda/ and see only plain structs (se_params.h).
+// The torch binding: the op schema (TORCH_LIBRARY), argument checks that name the argument,
+// output allocation and the packing of the plain structs the kernels read (se_binding.h).
+// The device implementations register themselves beside their kernels: cpu/se_cpu.cpp (CPU)
+// and cuda/se_cuda_ops.cpp (CUDA). No pybind: `import se_fused._C` loads this library, which
+// runs the registrations, and PyInit__C adds the few switches tests set from Python.
 #include <Python.h>
 
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
-#include <cstdlib>
+#include <atomic>
+#include <limits>
 #include <mutex>
-#include <tuple>
+#include <string>
 
-#include "cpu/se_cpu.h"
-#include "se_params.h"
-
-#ifdef WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-
-#include <map>
-
-#include "cuda/se_cuda.h"
-#endif
-
-extern "C" {
-// `import se_fused._C` loads this library, which runs the registrations below.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
+#include "se_binding.h"
 
 namespace se_fused {
 namespace {
 
-using at::Tensor;
+std::atomic<bool> poison{false};
 
-// R accumulators live in dynamic shared memory; with up to 8 KiB of static shared memory beside
-// them, 32 KiB keeps a block under the 48 KiB available without opt-in.
-constexpr int64_t kMaxSharedAccumulatorBytes = 32 * 1024;
+std::mutex forced_mutex;
+ForcedSchedule forced;
+
+std::string& cuda_arch_list() {  // a function-local static: set during static initialisation
+  static std::string archs;
+  return archs;
+}
+bool& cuda_linked() {
+  static bool linked = false;
+  return linked;
+}
 
 DType to_dtype(at::ScalarType t) {
   switch (t) {
@@ -45,22 +39,44 @@ DType to_dtype(at::ScalarType t) {
     case at::kBFloat16: return DType::kBFloat16;
     case at::kFloat: return DType::kFloat;
     case at::kDouble: return DType::kDouble;
-    default: TORCH_CHECK_TYPE(false, "se_fused: unsupported dtype ", t);
+    default: TORCH_INTERNAL_ASSERT(false, "se_fused: unchecked dtype ", t);
   }
 }
 
-at::ScalarType compute_dtype(const Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+// Messages match se_fused/spec.py's check_inputs word for word (Python spelling of shapes and
+// dtypes), so every backend reports bad input the same way.
+std::string py_shape(at::IntArrayRef sizes) {
+  std::string out = "(";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + (sizes.size() == 1 ? ",)" : ")");
+}
+
+std::string py_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kByte: return "torch.uint8";
+    case at::kChar: return "torch.int8";
+    case at::kShort: return "torch.int16";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kBool: return "torch.bool";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
 
 Act parse_act(c10::string_view act) {
   if (act == "relu") return Act::kRelu;
   if (act == "silu") return Act::kSilu;
-  TORCH_CHECK_VALUE(false, "se_fused: act must be 'relu' or 'silu', got '", std::string(act), "'");
+  TORCH_CHECK_VALUE(false, "act must be one of 'relu', 'silu', got '", std::string(act), "'");
 }
 
 Gate parse_gate(c10::string_view gate) {
   if (gate == "sigmoid") return Gate::kSigmoid;
   if (gate == "hard_sigmoid") return Gate::kHardSigmoid;
-  TORCH_CHECK_VALUE(false, "se_fused: gate must be 'sigmoid' or 'hard_sigmoid', got '", std::string(gate), "'");
+  TORCH_CHECK_VALUE(false, "gate must be one of 'sigmoid', 'hard_sigmoid', got '", std::string(gate), "'");
 }
 
 // (stride_n, stride_c, stride_p) when H and W flatten into one position axis.
@@ -73,224 +89,196 @@ bool spatial_strides(const Tensor& t, Strides3* out) {
   return true;
 }
 
-Strides3 checked_spatial_strides(const Tensor& t, const char* name) {
+// t itself when H and W flatten into one axis (no copy for NCHW, channels_last and more), else a copy.
+Tensor flattenable(const Tensor& t, at::MemoryFormat format) {
   Strides3 s;
-  TORCH_CHECK_VALUE(spatial_strides(t, &s), "se_fused: ", name, " must have H and W flattenable into one axis "
-                    "(NCHW-contiguous or channels_last), got strides ", t.strides(), "; call .contiguous() first");
+  return spatial_strides(t, &s) ? t : t.contiguous(format);
+}
+
+Strides3 strides_of(const Tensor& t) {
+  Strides3 s;
+  TORCH_INTERNAL_ASSERT(spatial_strides(t, &s), "se_fused: an output lost its flattenable strides");
   return s;
 }
 
-void check_same_device(const Tensor& t, const char* name, const Tensor& x) {
-  TORCH_CHECK_VALUE(t.device() == x.device(), "se_fused: ", name, " is on ", t.device(), " but x is on ", x.device(),
-                    "; all tensors must share a device");
+void check_dims(const Tensor& t, const char* name, int64_t a, int64_t b = -1) {
+  TORCH_CHECK_VALUE(t.dim() == a || t.dim() == b, name, " must have ", a, b > 0 ? " or " + std::to_string(b) : "",
+                    " dimensions, got shape ", py_shape(t.sizes()));
 }
 
-void check_param_dtype(const Tensor& t, const char* name, const Tensor& x, const Tensor& fc1_weight) {
+void check_weight(const Tensor& w, const char* name, int64_t rows, int64_t cols, int64_t c, int64_t r) {
+  const bool ok = w.size(0) == rows && w.size(1) == cols && (w.dim() == 2 || (w.size(2) == 1 && w.size(3) == 1));
+  TORCH_CHECK_VALUE(ok, name, " must have shape (", rows, ", ", cols, ") or (", rows, ", ", cols, ", 1, 1) for x with ",
+                    c, " channels and fc1_weight with ", r, " outputs, got ", py_shape(w.sizes()));
+}
+
+void check_parameter(const Tensor& t, const char* name, const Tensor& x, const Tensor& fc1_weight) {
+  TORCH_CHECK_VALUE(t.device() == x.device(), name, " is on ", t.device(), " but x is on ", x.device(),
+                    "; all tensors must share a device");
   const bool half_x = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
   const bool allowed = t.scalar_type() == x.scalar_type() || (half_x && t.scalar_type() == at::kFloat);
-  TORCH_CHECK_TYPE(allowed && t.scalar_type() == fc1_weight.scalar_type(), "se_fused: ", name, " has dtype ",
-                   t.scalar_type(), "; parameters must share one dtype, x's (", x.scalar_type(), ")",
-                   half_x ? " or float32" : "");
+  TORCH_CHECK_TYPE(allowed && t.scalar_type() == fc1_weight.scalar_type(), name, " has dtype ",
+                   py_dtype(t.scalar_type()), "; parameters must all be ", py_dtype(x.scalar_type()),
+                   half_x ? " or torch.float32" : "", " for x of dtype ", py_dtype(x.scalar_type()));
 }
 
 void check_vector(const Tensor& t, const char* name, const Tensor& x, int64_t rows, int64_t cols) {
-  check_same_device(t, name, x);
-  TORCH_CHECK_TYPE(t.scalar_type() == compute_dtype(x), "se_fused: ", name, " must be ", compute_dtype(x),
-                   ", got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols && t.is_contiguous(), "se_fused: ",
-                    name, " must be a contiguous (", rows, ", ", cols, ") tensor, got ", t.sizes());
+  TORCH_CHECK_VALUE(t.device() == x.device(), name, " is on ", t.device(), " but x is on ", x.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == compute_dtype(x), name, " must be ", py_dtype(compute_dtype(x)), ", got ",
+                   py_dtype(t.scalar_type()));
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols && t.is_contiguous(), name,
+                    " must be a contiguous (", rows, ", ", cols, ") tensor, got ", py_shape(t.sizes()));
 }
 
-// Checks x and the parameters; returns R.
+// Checks x and the parameters (weights 2-D or 1x1-convolution 4-D); returns R.
 int64_t check_inputs(const Tensor& x, const Tensor& w1, const c10::optional<Tensor>& b1, const Tensor& w2,
                      const c10::optional<Tensor>& b2) {
-  TORCH_CHECK_VALUE(x.dim() == 4, "se_fused: x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
+  check_dims(x, "x", 4);
   TORCH_CHECK_TYPE(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16 ||
                        x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-                   "se_fused: x must be float16, bfloat16, float32 or float64, got ", x.scalar_type());
+                   "x must be float16, bfloat16, float32 or float64, got ", py_dtype(x.scalar_type()));
   const int64_t c = x.size(1);
-  TORCH_CHECK_VALUE(c > 0 && x.size(2) * x.size(3) > 0, "se_fused: x must have at least one channel and one "
-                    "spatial position, got shape ", x.sizes());
-  TORCH_CHECK_VALUE(w1.dim() == 2, "se_fused: fc1_weight must be 2-D (R, C), got ", w1.dim(), "-D");
+  TORCH_CHECK_VALUE(c > 0 && x.size(2) * x.size(3) > 0, "x must have at least one channel and one spatial "
+                    "position, got shape ", py_shape(x.sizes()));
+  check_dims(w1, "fc1_weight", 2, 4);
+  check_dims(w2, "fc2_weight", 2, 4);
   const int64_t r = w1.size(0);
-  TORCH_CHECK_VALUE(r > 0 && w1.size(1) == c, "se_fused: fc1_weight must have shape (R, ", c, ") for x with ", c,
-                    " channels, got ", w1.sizes());
-  TORCH_CHECK_VALUE(w2.dim() == 2 && w2.size(0) == c && w2.size(1) == r, "se_fused: fc2_weight must have shape (",
-                    c, ", ", r, "), got ", w2.sizes());
-  check_same_device(w1, "fc1_weight", x);
-  check_same_device(w2, "fc2_weight", x);
-  check_param_dtype(w1, "fc1_weight", x, w1);
-  check_param_dtype(w2, "fc2_weight", x, w1);
-  if (b1) {
-    TORCH_CHECK_VALUE(b1->dim() == 1 && b1->size(0) == r, "se_fused: fc1_bias must have shape (", r, "), got ",
-                      b1->sizes());
-    check_same_device(*b1, "fc1_bias", x);
-    check_param_dtype(*b1, "fc1_bias", x, w1);
+  check_weight(w1, "fc1_weight", r, c, c, r);
+  check_weight(w2, "fc2_weight", c, r, c, r);
+  for (const auto& [bias, name, size] : {std::tuple(&b1, "fc1_bias", r), std::tuple(&b2, "fc2_bias", c)}) {
+    if (!*bias) continue;
+    check_dims(**bias, name, 1);
+    TORCH_CHECK_VALUE((*bias)->size(0) == size, name, " must have shape (", size, ",), got ",
+                      py_shape((*bias)->sizes()));
   }
-  if (b2) {
-    TORCH_CHECK_VALUE(b2->dim() == 1 && b2->size(0) == c, "se_fused: fc2_bias must have shape (", c, "), got ",
-                      b2->sizes());
-    check_same_device(*b2, "fc2_bias", x);
-    check_param_dtype(*b2, "fc2_bias", x, w1);
-  }
+  check_parameter(w1, "fc1_weight", x, w1);
+  check_parameter(w2, "fc2_weight", x, w1);
+  if (b1) check_parameter(*b1, "fc1_bias", x, w1);
+  if (b2) check_parameter(*b2, "fc2_bias", x, w1);
   return r;
 }
 
-#ifdef WITH_CUDA
-// Self-resetting counters (zero between launches) of one (device, stream).
-Tensor cuda_sync_workspace(const Tensor& x, int64_t n) {
-  static std::mutex mutex;
-  // Never destroyed: freeing CUDA memory from a static destructor can outlive the CUDA context.
-  static auto* workspaces = new std::map<std::pair<int, cudaStream_t>, Tensor>();
-  const std::lock_guard<std::mutex> lock(mutex);
-  Tensor& ws = (*workspaces)[{x.get_device(), at::cuda::getCurrentCUDAStream().stream()}];
-  if (!ws.defined() || ws.numel() < 1 + 2 * n) {
-    // Zeroed once here; afterwards the kernels leave every counter at zero.
-    ws = at::zeros({1 + 2 * std::max<int64_t>(n, ws.defined() ? ws.numel() : 0)}, x.options().dtype(at::kInt));
-  }
-  return ws;
+// An output buffer: NaN-filled under poisoning, so an element a kernel forgets to write fails the tests.
+Tensor poisoned(Tensor t) {
+  if (poison.load(std::memory_order_relaxed) && t.numel() > 0) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
 }
 
-CudaSchedule cuda_schedule(const Tensor& x, const Strides3& s) {
-  // Tests force either regime with SE_FUSED_CUDA_SPLIT=0/1: both must stay correct on every shape.
-  const char* force = std::getenv("SE_FUSED_CUDA_SPLIT");
-  return plan_cuda_schedule(x.size(0), x.size(1), x.size(2) * x.size(3), s.c == 1 && s.p != 1,
-                            static_cast<int>(x.element_size()),
-                            at::cuda::getCurrentDeviceProperties()->multiProcessorCount,
-                            force ? (force[0] == '1' ? 1 : 0) : -1);
+}  // namespace
+
+at::ScalarType compute_dtype(const Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+ForcedSchedule forced_schedule() {
+  const std::lock_guard<std::mutex> lock(forced_mutex);
+  return forced;
 }
 
-void check_cuda_limits(const Tensor& x, int64_t r) {
-  const int64_t bytes = r * (compute_dtype(x) == at::kDouble ? 8 : 4);
-  TORCH_CHECK_VALUE(bytes <= kMaxSharedAccumulatorBytes, "se_fused: the CUDA kernels hold R = ", r,
-                    " hidden units in shared memory; at most ", kMaxSharedAccumulatorBytes / (bytes / r),
-                    " are supported for ", x.scalar_type(), " (use backend='triton')");
-}
-#endif
-
-ForwardArgs forward_args(const Tensor& x, const Tensor& w1, const c10::optional<Tensor>& b1, const Tensor& w2,
-                         const c10::optional<Tensor>& b2, Strides3 x_strides, Act act, Gate gate,
-                         const Tensor& y, const Tensor& z, const Tensor& a, const Tensor& e) {
-  ForwardArgs args{};
-  args.x = x.data_ptr();
-  args.y = y.data_ptr();
-  args.w1 = w1.data_ptr();
-  args.b1 = b1 ? b1->data_ptr() : nullptr;
-  args.w2 = w2.data_ptr();
-  args.b2 = b2 ? b2->data_ptr() : nullptr;
-  args.z = z.data_ptr();
-  args.a = a.data_ptr();
-  args.e = e.data_ptr();
-  args.n = x.size(0);
-  args.c = x.size(1);
-  args.r = w1.size(0);
-  args.p = x.size(2) * x.size(3);
-  args.x_strides = x_strides;
-  args.y_strides = checked_spatial_strides(y, "y");
-  args.w1_stride_r = w1.stride(0);
-  args.w1_stride_c = w1.stride(1);
-  args.w2_stride_c = w2.stride(0);
-  args.w2_stride_r = w2.stride(1);
-  args.x_dtype = to_dtype(x.scalar_type());
-  args.param_dtype = to_dtype(w1.scalar_type());
-  args.act = act;
-  args.gate = gate;
-  return args;
+void register_cuda_build(const char* arch_list) {
+  cuda_linked() = true;
+  cuda_arch_list() = arch_list;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> se_forward(const Tensor& x, const Tensor& fc1_weight,
-                                                      const c10::optional<Tensor>& fc1_bias,
-                                                      const Tensor& fc2_weight,
-                                                      const c10::optional<Tensor>& fc2_bias, c10::string_view act,
-                                                      c10::string_view gate) {
-  const int64_t r = check_inputs(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias);
-  // every argument is checked before anything is allocated or launched
-  const Strides3 x_strides = checked_spatial_strides(x, "x");
+ForwardCall forward_call(const Tensor& x_in, const Tensor& fc1_weight, const c10::optional<Tensor>& fc1_bias,
+                         const Tensor& fc2_weight, const c10::optional<Tensor>& fc2_bias, c10::string_view act,
+                         c10::string_view gate) {
   const Act act_kind = parse_act(act);
   const Gate gate_kind = parse_gate(gate);
+  const int64_t r = check_inputs(x_in, fc1_weight, fc1_bias, fc2_weight, fc2_bias);
+  // every argument is checked before anything is allocated or launched
+  const Tensor x = flattenable(x_in, at::MemoryFormat::Contiguous);
   const int64_t n = x.size(0), c = x.size(1);
-  Tensor y = at::empty_like(x);
   const auto vec = x.options().dtype(compute_dtype(x));
-  Tensor z = at::empty({n, c}, vec), a = at::empty({n, r}, vec), e = at::empty({n, c}, vec);
-  if (n == 0) return {y, z, a, e};
-  const ForwardArgs args =
-      forward_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, x_strides, act_kind, gate_kind, y, z, a, e);
-  if (x.is_cpu()) {
-    se_forward_cpu(args);
-    return {y, z, a, e};
-  }
-#ifdef WITH_CUDA
-  check_cuda_limits(x, r);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const CudaSchedule plan = cuda_schedule(x, args.x_strides);
-  Tensor sync = cuda_sync_workspace(x, n);
-  Tensor partial = at::empty({n * plan.num_segments * c}, vec);
-  const cudaError_t err = se_forward_cuda(args, plan, sync.data_ptr<int>(), partial.data_ptr(),
-                                          at::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, "se_fused: CUDA forward launch failed: ", cudaGetErrorString(err));
-  return {y, z, a, e};
-#else
-  TORCH_CHECK(false, "se_fused: built without CUDA kernels");
-#endif
+  ForwardCall call{x, poisoned(at::empty_like(x)), poisoned(at::empty({n, c}, vec)), poisoned(at::empty({n, r}, vec)),
+                   poisoned(at::empty({n, c}, vec)), ForwardArgs{}};
+  ForwardArgs& args = call.args;
+  args.x = x.data_ptr();
+  args.y = call.y.data_ptr();
+  args.w1 = fc1_weight.data_ptr();
+  args.b1 = fc1_bias ? fc1_bias->data_ptr() : nullptr;
+  args.w2 = fc2_weight.data_ptr();
+  args.b2 = fc2_bias ? fc2_bias->data_ptr() : nullptr;
+  args.z = call.z.data_ptr();
+  args.a = call.a.data_ptr();
+  args.e = call.e.data_ptr();
+  args.n = n;
+  args.c = c;
+  args.r = r;
+  args.p = x.size(2) * x.size(3);
+  args.x_strides = strides_of(x);
+  args.y_strides = strides_of(call.y);
+  args.w1_stride_r = fc1_weight.stride(0);
+  args.w1_stride_c = fc1_weight.stride(1);
+  args.w2_stride_c = fc2_weight.stride(0);
+  args.w2_stride_r = fc2_weight.stride(1);
+  args.x_dtype = to_dtype(x.scalar_type());
+  args.param_dtype = to_dtype(fc1_weight.scalar_type());
+  args.act = act_kind;
+  args.gate = gate_kind;
+  return call;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> se_backward(
-    const Tensor& grad_y, const Tensor& x, const Tensor& fc1_weight, const Tensor& fc2_weight, const Tensor& z,
-    const Tensor& a, const Tensor& e, c10::string_view act, c10::string_view gate, bool has_fc1_bias,
-    bool has_fc2_bias, bool need_dx, bool need_weight_grads) {
-  const int64_t r = check_inputs(x, fc1_weight, c10::nullopt, fc2_weight, c10::nullopt);
-  TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes(), "se_fused: grad_y must have x's shape ", x.sizes(), ", got ",
-                    grad_y.sizes());
-  TORCH_CHECK_TYPE(grad_y.scalar_type() == x.scalar_type(), "se_fused: grad_y must have x's dtype ",
-                   x.scalar_type(), ", got ", grad_y.scalar_type());
-  check_same_device(grad_y, "grad_y", x);
-  const int64_t n = x.size(0), c = x.size(1);
-  check_vector(z, "z", x, n, c);
-  check_vector(a, "a", x, n, r);
-  check_vector(e, "e", x, n, c);
-  const Strides3 x_strides = checked_spatial_strides(x, "x");
-  Strides3 g_strides;
-  const Tensor g = spatial_strides(grad_y, &g_strides) ? grad_y : grad_y.contiguous(x.suggest_memory_format());
-  g_strides = checked_spatial_strides(g, "grad_y");
+BackwardCall backward_call(const Tensor& grad_y, const Tensor& x_in, const Tensor& fc1_weight,
+                           const Tensor& fc2_weight, const Tensor& z, const Tensor& a, const Tensor& e,
+                           c10::string_view act, c10::string_view gate, bool has_fc1_bias, bool has_fc2_bias,
+                           bool need_dx, bool need_weight_grads) {
+  const Act act_kind = parse_act(act);
+  const Gate gate_kind = parse_gate(gate);
+  const int64_t r = check_inputs(x_in, fc1_weight, c10::nullopt, fc2_weight, c10::nullopt);
+  TORCH_CHECK_VALUE(grad_y.sizes() == x_in.sizes(), "grad_y must have x's shape ", py_shape(x_in.sizes()), ", got ",
+                    py_shape(grad_y.sizes()));
+  TORCH_CHECK_TYPE(grad_y.scalar_type() == x_in.scalar_type(), "grad_y must have x's dtype ",
+                   py_dtype(x_in.scalar_type()), ", got ", py_dtype(grad_y.scalar_type()));
+  TORCH_CHECK_VALUE(grad_y.device() == x_in.device(), "grad_y is on ", grad_y.device(), " but x is on ",
+                    x_in.device());
+  const int64_t n = x_in.size(0), c = x_in.size(1);
+  check_vector(z, "z", x_in, n, c);
+  check_vector(a, "a", x_in, n, r);
+  check_vector(e, "e", x_in, n, c);
+  const Tensor x = flattenable(x_in, at::MemoryFormat::Contiguous);
+  const Tensor g = flattenable(grad_y, x.suggest_memory_format());
 
   const auto vec = x.options().dtype(compute_dtype(x));
   const auto param = fc1_weight.options();
-  Tensor dx = need_dx ? at::empty_like(x) : at::empty({0}, x.options());
-  Tensor dw1 = need_weight_grads ? at::empty({r, c}, param) : at::empty({0}, param);
-  Tensor dw2 = need_weight_grads ? at::empty({c, r}, param) : at::empty({0}, param);
-  Tensor db1 = need_weight_grads && has_fc1_bias ? at::empty({r}, param) : at::empty({0}, param);
-  Tensor db2 = need_weight_grads && has_fc2_bias ? at::empty({c}, param) : at::empty({0}, param);
-  if (n == 0) {
-    if (need_weight_grads) {  // a sum over an empty batch
-      dw1.zero_(), dw2.zero_(), db1.zero_(), db2.zero_();
-    }
-    return {dx, dw1, db1, dw2, db2};
+  // weight gradients in the weights' own shapes, (R, C) or (R, C, 1, 1), contiguous
+  const auto output = [&](bool needed, at::IntArrayRef shape) {
+    return needed ? poisoned(at::empty(shape, param)) : at::empty({0}, param);
+  };
+  BackwardCall call{x, g,
+                    need_dx ? poisoned(at::empty_like(x)) : at::empty({0}, x.options()),
+                    output(need_weight_grads, fc1_weight.sizes()),
+                    output(need_weight_grads && has_fc1_bias, {r}),
+                    output(need_weight_grads, fc2_weight.sizes()),
+                    output(need_weight_grads && has_fc2_bias, {c}),
+                    poisoned(at::empty({n, c}, vec)),
+                    poisoned(at::empty({n, r}, vec)),
+                    poisoned(at::empty({n, c}, vec)),
+                    BackwardArgs{}};
+  if (n == 0) {  // a sum over an empty batch; no kernel runs
+    for (Tensor* t : {&call.dw1, &call.db1, &call.dw2, &call.db2}) t->zero_();
   }
-  Tensor de = at::empty({n, c}, vec), da = at::empty({n, r}, vec), dzp = at::empty({n, c}, vec);
-
-  BackwardArgs args{};
+  BackwardArgs& args = call.args;
   args.grad_y = g.data_ptr();
   args.x = x.data_ptr();
-  args.dx = need_dx ? dx.data_ptr() : nullptr;
+  args.dx = need_dx ? call.dx.data_ptr() : nullptr;
   args.w1 = fc1_weight.data_ptr();
   args.w2 = fc2_weight.data_ptr();
   args.z = z.data_ptr();
   args.a = a.data_ptr();
   args.e = e.data_ptr();
-  args.dw1 = need_weight_grads ? dw1.data_ptr() : nullptr;
-  args.dw2 = need_weight_grads ? dw2.data_ptr() : nullptr;
-  args.db1 = db1.numel() ? db1.data_ptr() : nullptr;
-  args.db2 = db2.numel() ? db2.data_ptr() : nullptr;
-  args.de = de.data_ptr();
-  args.da = da.data_ptr();
-  args.dzp = dzp.data_ptr();
+  args.dw1 = need_weight_grads ? call.dw1.data_ptr() : nullptr;
+  args.dw2 = need_weight_grads ? call.dw2.data_ptr() : nullptr;
+  args.db1 = call.db1.numel() ? call.db1.data_ptr() : nullptr;
+  args.db2 = call.db2.numel() ? call.db2.data_ptr() : nullptr;
+  args.de = call.de.data_ptr();
+  args.da = call.da.data_ptr();
+  args.dzp = call.dzp.data_ptr();
   args.n = n;
   args.c = c;
   args.r = r;
   args.p = x.size(2) * x.size(3);
-  args.g_strides = g_strides;
-  args.x_strides = x_strides;
-  args.dx_strides = need_dx ? checked_spatial_strides(dx, "dx") : x_strides;
+  args.g_strides = strides_of(g);
+  args.x_strides = strides_of(x);
+  args.dx_strides = need_dx ? strides_of(call.dx) : args.x_strides;
   args.w1_stride_r = fc1_weight.stride(0);
   args.w1_stride_c = fc1_weight.stride(1);
   args.w2_stride_c = fc2_weight.stride(0);
@@ -301,28 +289,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> se_backward(
   args.dw2_stride_r = 1;
   args.x_dtype = to_dtype(x.scalar_type());
   args.param_dtype = to_dtype(fc1_weight.scalar_type());
-  args.act = parse_act(act);
-  args.gate = parse_gate(gate);
-  if (x.is_cpu()) {
-    se_backward_cpu(args);
-    return {dx, dw1, db1, dw2, db2};
-  }
-#ifdef WITH_CUDA
-  check_cuda_limits(x, r);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const CudaSchedule plan = cuda_schedule(x, x_strides);
-  Tensor sync = cuda_sync_workspace(x, n);
-  Tensor partial = at::empty({n * plan.num_segments * c}, vec);
-  const cudaError_t err = se_backward_cuda(args, plan, sync.data_ptr<int>(), partial.data_ptr(),
-                                           at::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, "se_fused: CUDA backward launch failed: ", cudaGetErrorString(err));
-  return {dx, dw1, db1, dw2, db2};
-#else
-  TORCH_CHECK(false, "se_fused: built without CUDA kernels");
-#endif
+  args.act = act_kind;
+  args.gate = gate_kind;
+  return call;
 }
-
-}  // namespace
 
 TORCH_LIBRARY(se_fused, m) {
   m.def("se_forward(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, "
@@ -332,16 +302,53 @@ TORCH_LIBRARY(se_fused, m) {
         "bool need_weight_grads) -> (Tensor dx, Tensor dw1, Tensor db1, Tensor dw2, Tensor db2)");
 }
 
-TORCH_LIBRARY_IMPL(se_fused, CPU, m) {
-  m.impl("se_forward", &se_forward);
-  m.impl("se_backward", &se_backward);
+// The ops compute; their autograd is se_fused.SqueezeExciteFunction. Backpropagating through a
+// bare op call is an error, never a silent zero gradient.
+TORCH_LIBRARY_IMPL(se_fused, Autograd, m) {
+  m.impl("se_forward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("se_backward", torch::autograd::autogradNotImplementedFallback());
 }
-
-#ifdef WITH_CUDA
-TORCH_LIBRARY_IMPL(se_fused, CUDA, m) {
-  m.impl("se_forward", &se_forward);
-  m.impl("se_backward", &se_backward);
-}
-#endif
 
 }  // namespace se_fused
+
+// ----------------------------------------------------------------------------- Python module
+
+namespace {
+
+PyObject* set_poison_outputs(PyObject*, PyObject* flag) {
+  const int on = PyObject_IsTrue(flag);
+  if (on < 0) return nullptr;
+  se_fused::poison.store(on != 0);
+  Py_RETURN_NONE;
+}
+
+PyObject* set_forced_schedule(PyObject*, PyObject* args) {
+  int split;
+  long long group_size, num_programs;
+  if (!PyArg_ParseTuple(args, "iLL", &split, &group_size, &num_programs)) return nullptr;
+  const std::lock_guard<std::mutex> lock(se_fused::forced_mutex);
+  se_fused::forced = {split, group_size, num_programs};
+  Py_RETURN_NONE;
+}
+
+PyMethodDef methods[] = {
+    {"set_poison_outputs", set_poison_outputs, METH_O, "NaN-fill every output buffer before the kernels write it."},
+    {"set_forced_schedule", set_forced_schedule, METH_VARARGS,
+     "set_forced_schedule(split, group_size, num_programs): -1 / 0 leave the CUDA schedule heuristics in charge."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "se_fused's compiled ops and their test switches.", -1,
+                          methods};
+
+}  // namespace
+
+extern "C" PyObject* PyInit__C(void) {
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+  if (PyModule_AddObject(module, "with_cuda", PyBool_FromLong(se_fused::cuda_linked())) < 0 ||
+      PyModule_AddStringConstant(module, "cuda_arch_list", se_fused::cuda_arch_list().c_str()) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

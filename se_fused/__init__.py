@@ -1,6 +1,10 @@
-"""se_fused: a fused Squeeze-and-Excitation block for PyTorch."""
+"""se_fused: a fused Squeeze-and-Excitation block for PyTorch.
 
-from .convert import convert_se_modules, fused_from_module
+Importing the package registers every op (``torch.ops.se_fused.*``) that this install can run.
+"""
+
+from . import ops  # noqa: F401  (registers the ops)
+from .convert import convert_se_modules
 from .debug import count_kernel_launches, poison_outputs
 from .functional import SqueezeExciteFunction, squeeze_excite
 from .module import FusedSE
@@ -14,7 +18,6 @@ __all__ = [
     "SqueezeExciteFunction",
     "convert_se_modules",
     "count_kernel_launches",
-    "fused_from_module",
     "poison_outputs",
     "squeeze_excite",
 ]

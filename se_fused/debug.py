@@ -1,6 +1,6 @@
-"""Instruments for tests and profiling: a count of the package's own kernel
-launches, and NaN-poisoned output buffers so an element a kernel forgot to
-write cannot pass for a correct one."""
+"""Instruments for tests and profiling: a count of the package's own kernel launches,
+NaN-poisoned output buffers (so an element a kernel forgot to write cannot pass for a
+correct one), and one switch that forces the schedule of both kernel families."""
 
 from __future__ import annotations
 
@@ -9,9 +9,14 @@ from collections.abc import Iterator
 
 import torch
 
+from .extension import native
+
 # Process-wide, not thread-local: autograd runs CUDA backward passes on its own threads.
 _counters: list["LaunchCount"] = []
 _poison = False
+_forced: dict = {}
+
+SCHEDULE_FIELDS = ("split", "group_size", "num_programs", "block_c", "block_p", "tiles_per_item")
 
 
 class LaunchCount:
@@ -49,21 +54,60 @@ def record_launch(kernel_name: str) -> None:
 
 @contextlib.contextmanager
 def poison_outputs() -> Iterator[None]:
-    """Fill every buffer a kernel is meant to overwrite with NaN before launch."""
+    """Fill every buffer a kernel is meant to overwrite with NaN before launch (every backend)."""
     global _poison
     previous, _poison = _poison, True
+    if native is not None:
+        native.set_poison_outputs(True)
     try:
         yield
     finally:
         _poison = previous
+        if native is not None:
+            native.set_poison_outputs(previous)
 
 
 def new_output(shape, *, like: torch.Tensor | None = None, dtype=None, device=None) -> torch.Tensor:
-    """``torch.empty`` (or ``empty_like``, keeping ``like``'s memory format) that is NaN-filled under poisoning."""
-    if like is not None:
-        out = torch.empty_like(like, dtype=dtype)
-    else:
-        out = torch.empty(shape, dtype=dtype, device=device)
+    """``torch.empty`` (or ``empty_like``, keeping ``like``'s strides) that is NaN-filled under poisoning."""
+    out = torch.empty_like(like, dtype=dtype) if like is not None else torch.empty(shape, dtype=dtype, device=device)
     if _poison:
         out.fill_(float("nan"))
     return out
+
+
+@contextlib.contextmanager
+def force_schedule(**fields) -> Iterator[None]:
+    """Override the schedule heuristics of the Triton and the CUDA kernels (tests use it to force
+    samples across many work items and programs).
+
+    Fields, all optional:
+      split:          False: one program per sample; True: samples cut into items taken from tickets
+      group_size:     samples per ticket group (split)
+      num_programs:   programs (CUDA: blocks) in the grid (split)
+      block_c, block_p, tiles_per_item: Triton tile sizes (the CUDA kernels' tiles follow their
+                      thread layout and are not forced)
+    """
+    unknown = set(fields) - set(SCHEDULE_FIELDS)
+    if unknown:
+        raise ValueError(f"force_schedule got unknown fields {sorted(unknown)}; allowed: {list(SCHEDULE_FIELDS)}")
+    previous = dict(_forced)
+    _forced.update(fields)
+    _apply_native_schedule()
+    try:
+        yield
+    finally:
+        _forced.clear()
+        _forced.update(previous)
+        _apply_native_schedule()
+
+
+def forced_schedule() -> dict:
+    """The fields ``force_schedule`` set (read by the Triton launchers)."""
+    return _forced
+
+
+def _apply_native_schedule() -> None:
+    if native is not None:
+        split = _forced.get("split")
+        native.set_forced_schedule(-1 if split is None else int(split), _forced.get("group_size", 0),
+                                   _forced.get("num_programs", 0))

@@ -1,83 +1,164 @@
-"""The compiled ops ``torch.ops.se_fused.se_forward`` / ``se_backward`` (csrc/), with
-their fake kernels and autograd registered here, so ``torch.compile`` can trace them
-and ``torch.library.opcheck`` can test them."""
+"""The op layer: every backend's forward and backward as a registered op with a fake kernel.
+
+    backend   ops                                            implementation
+    "cpp"     torch.ops.se_fused.se_forward / se_backward    C++ CPU kernel (csrc/cpu/), CPU impl of the schema
+    "cuda"    the same two ops                               CUDA kernels (csrc/cuda/), CUDA impl of the schema
+    "triton"  se_forward_triton / se_backward_triton         Triton kernels (triton_kernels/)
+    "torch"   se_forward_torch / se_backward_torch           PyTorch ops (torch_backend.py), any device
+
+All share one contract, ``csrc/se_fused.cpp``'s schema: forward(x, fc1_weight, fc1_bias,
+fc2_weight, fc2_bias, act, gate) -> (y, z, a, e); backward(grad_y, x, fc1_weight, fc2_weight,
+z, a, e, act, gate, has_fc1_bias, has_fc2_bias, need_dx, need_weight_grads) -> (dx, dw1, db1,
+dw2, db2), empty tensors for what was not asked for. Weights may be (R, C) or (R, C, 1, 1) and
+their gradients come back in the same shape; x whose H and W do not flatten into one axis is
+copied first; y and dx have the strides of ``empty_like`` of that x. Every op checks every
+argument (spec.check_inputs, mirrored word for word in C++) before any kernel runs. The fake kernels below serve every op, so ``torch.compile`` and
+``torch.export`` trace each one without running it. Autograd is not registered here:
+``functional.SqueezeExciteFunction`` is the one autograd implementation of all backends
+(docs/DESIGN.md §9, which also says why the Triton ops are custom ops, not triton_ops).
+
+Importing this module registers every op available: the compiled ones when ``se_fused._C``
+loads, the Triton ones when Triton imports, the PyTorch ones always.
+"""
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable
+from typing import NamedTuple, Optional
 
+import torch
+from torch import Tensor
+
+from . import torch_backend
 from .debug import record_launch
+from .spec import check_grad, check_hidden_width, check_inputs, compute_dtype, flattenable
+
+from .extension import LOAD_ERROR as EXTENSION_ERROR
+from .extension import native as _C  # its import registered the compiled ops (TORCH_LIBRARY in csrc/)
 
 try:
-    from . import _C  # noqa: F401  (loading the library registers the ops)
+    from . import triton_kernels
 
-    EXTENSION_ERROR: ImportError | None = None
-except ImportError as err:  # built without a compiler, or not built at all
-    EXTENSION_ERROR = err
+    TRITON_ERROR: Optional[ImportError] = None
+except ImportError as err:  # no Triton on this platform
+    triton_kernels = None
+    TRITON_ERROR = err
 
 
 def extension_available() -> bool:
-    """True when se_fused._C (the C++ CPU kernel, maybe the CUDA kernels) is built."""
-    return EXTENSION_ERROR is None
+    """True when se_fused._C (the C++ CPU kernel, maybe the CUDA kernels) loaded."""
+    return _C is not None
 
 
 def cuda_kernels_available() -> bool:
-    """True when se_fused._C has the CUDA kernels."""
-    return extension_available() and torch._C._dispatch_has_kernel_for_dispatch_key("se_fused::se_forward", "CUDA")
+    """True when se_fused._C was built with the CUDA kernels."""
+    return _C is not None and _C.with_cuda
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+def cuda_architectures() -> str:
+    """The CUDA architectures se_fused._C was compiled for (TORCH_CUDA_ARCH_LIST at build time), or ''."""
+    return _C.cuda_arch_list if cuda_kernels_available() else ""
+
+
+def triton_available() -> bool:
+    return triton_kernels is not None
+
+
+# ----------------------------------------------------------------------------- fake kernels
 
 
 def _forward_fake(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate):
+    check_inputs(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate)  # the ops' errors, at trace time
     n, c = x.shape[:2]
-    r = fc1_weight.shape[0]
-    vec = dict(dtype=_compute_dtype(x), device=x.device)
-    return torch.empty_like(x), x.new_empty((n, c), **vec), x.new_empty((n, r), **vec), x.new_empty((n, c), **vec)
+    vec = dict(dtype=compute_dtype(x), device=x.device)
+    return (torch.empty_like(flattenable(x)), x.new_empty((n, c), **vec), x.new_empty((n, fc1_weight.shape[0]), **vec),
+            x.new_empty((n, c), **vec))
 
 
 def _backward_fake(grad_y, x, fc1_weight, fc2_weight, z, a, e, act, gate, has_fc1_bias, has_fc2_bias, need_dx,
                    need_weight_grads):
     c, r = x.shape[1], fc1_weight.shape[0]
 
-    def param(*shape, needed=True):
+    def param(shape, needed=True):
         return fc1_weight.new_empty(shape if needed and need_weight_grads else (0,))
 
-    dx = torch.empty_like(x) if need_dx else x.new_empty((0,))
-    return dx, param(r, c), param(r, needed=has_fc1_bias), param(c, r), param(c, needed=has_fc2_bias)
+    dx = torch.empty_like(flattenable(x)) if need_dx else x.new_empty((0,))
+    return dx, param(fc1_weight.shape), param((r,), has_fc1_bias), param(fc2_weight.shape), param((c,), has_fc2_bias)
 
 
-def _setup_context(ctx, inputs, output):
-    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate = inputs
-    _, z, a, e = output
-    ctx.save_for_backward(x, fc1_weight, fc2_weight, z, a, e)
-    ctx.act, ctx.gate = act, gate
-    ctx.has_biases = fc1_bias is not None, fc2_bias is not None
-    ctx.mark_non_differentiable(z, a, e)
-
-
-def _backward(ctx, grad_y, _grad_z, _grad_a, _grad_e):
-    x, w1, w2, z, a, e = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    need_weights = any(need[1:5])
-    record_launch(f"se_backward_{x.device.type}")
-    if need_weights and x.is_cuda:
-        record_launch("se_weight_grad_cuda")  # the CPU kernel sums weight gradients in the same call
-    dx, dw1, db1, dw2, db2 = torch.ops.se_fused.se_backward(
-        grad_y, x, w1, w2, z, a, e, ctx.act, ctx.gate, *ctx.has_biases, need[0], need_weights)
-    has_b1, has_b2 = ctx.has_biases
-    return (dx if need[0] else None, dw1 if need_weights else None, db1 if need_weights and has_b1 else None,
-            dw2 if need_weights else None, db2 if need_weights and has_b2 else None, None, None)
-
-
-if extension_available():
+if _C is not None:
     torch.library.register_fake("se_fused::se_forward")(_forward_fake)
     torch.library.register_fake("se_fused::se_backward")(_backward_fake)
-    torch.library.register_autograd("se_fused::se_forward", _backward, setup_context=_setup_context)
 
 
-def squeeze_excite_op(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate) -> torch.Tensor:
-    """y from the compiled op; weights as 2-D (R, C) and (C, R)."""
-    record_launch(f"se_forward_{x.device.type}")
-    return torch.ops.se_fused.se_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate)[0]
+# ----------------------------------------------------------------------------- Python-implemented ops
+
+
+def _define(name: str, forward, backward, device_types) -> "BackendOps":
+    """Registers se_forward_<name> / se_backward_<name> around two implementations that take x with
+    H, W flattenable and 2-D weights, with the same checks and argument handling as the C++ ops."""
+
+    @torch.library.custom_op(f"se_fused::se_forward_{name}", mutates_args=(), device_types=device_types)
+    def forward_op(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
+                   fc2_bias: Optional[Tensor], act: str, gate: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        check_inputs(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate)
+        check_hidden_width(name, fc1_weight.shape[0], x)
+        r, c = fc1_weight.shape[:2]
+        return forward(flattenable(x), fc1_weight.reshape(r, c), fc1_bias, fc2_weight.reshape(c, r), fc2_bias, act,
+                       gate)
+
+    @torch.library.custom_op(f"se_fused::se_backward_{name}", mutates_args=(), device_types=device_types)
+    def backward_op(grad_y: Tensor, x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, z: Tensor, a: Tensor,
+                    e: Tensor, act: str, gate: str, has_fc1_bias: bool, has_fc2_bias: bool, need_dx: bool,
+                    need_weight_grads: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        check_inputs(x, fc1_weight, None, fc2_weight, None, act, gate)
+        check_grad(grad_y, x)
+        check_hidden_width(name, fc1_weight.shape[0], x)
+        r, c = fc1_weight.shape[:2]
+        dx, dw1, db1, dw2, db2 = backward(grad_y, flattenable(x), fc1_weight.reshape(r, c), fc2_weight.reshape(c, r),
+                                          z, a, e, act, gate, has_fc1_bias, has_fc2_bias, need_dx, need_weight_grads)
+        if need_weight_grads:  # in the weights' own shapes, (R, C) or (R, C, 1, 1)
+            dw1, dw2 = dw1.view(fc1_weight.shape), dw2.view(fc2_weight.shape)
+        return dx, dw1, db1, dw2, db2
+
+    forward_op.register_fake(_forward_fake)
+    backward_op.register_fake(_backward_fake)
+    return BackendOps(getattr(torch.ops.se_fused, f"se_forward_{name}").default,
+                      getattr(torch.ops.se_fused, f"se_backward_{name}").default)
+
+
+class BackendOps(NamedTuple):
+    forward: Callable
+    backward: Callable
+
+
+# backend name -> its two ops; the compiled ops serve "cpp" on CPU tensors and "cuda" on CUDA tensors
+BACKEND_OPS: dict[str, BackendOps] = {
+    "torch": _define("torch", torch_backend.se_forward, torch_backend.se_backward, None),
+}
+if _C is not None:
+    BACKEND_OPS["cpp"] = BACKEND_OPS["cuda"] = BackendOps(torch.ops.se_fused.se_forward.default,
+                                                         torch.ops.se_fused.se_backward.default)
+if triton_kernels is not None:
+    BACKEND_OPS["triton"] = _define("triton", triton_kernels.se_forward, triton_kernels.se_backward,
+                                    ("cuda", "cpu"))
+
+
+def run_forward(backend: str, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate):
+    """(y, z, a, e) from `backend`'s forward op."""
+    out = BACKEND_OPS[backend].forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate)
+    if backend in ("cpp", "cuda") and x.shape[0]:  # the Triton launchers count their own launches
+        record_launch(f"se_forward_{backend}")
+    return out
+
+
+def run_backward(backend: str, grad_y, x, fc1_weight, fc2_weight, z, a, e, act, gate, has_fc1_bias, has_fc2_bias,
+                 need_dx, need_weight_grads):
+    """(dx, dw1, db1, dw2, db2) from `backend`'s backward op."""
+    out = BACKEND_OPS[backend].backward(grad_y, x, fc1_weight, fc2_weight, z, a, e, act, gate, has_fc1_bias,
+                                        has_fc2_bias, need_dx, need_weight_grads)
+    if backend in ("cpp", "cuda") and x.shape[0]:
+        record_launch(f"se_backward_{backend}")
+        if backend == "cuda" and need_weight_grads:
+            record_launch("se_weight_grad_cuda")  # the CPU kernel sums weight gradients in the same call
+    return out

@@ -11,13 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ACTIVATIONS = ("relu", "silu")
-GATES = ("sigmoid", "hard_sigmoid")
-
-
-def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+from .spec import ACTIVATIONS, GATES, check_choice, hidden_width
 
 
 def apply_activation(a: torch.Tensor, act: str) -> torch.Tensor:
@@ -26,17 +20,6 @@ def apply_activation(a: torch.Tensor, act: str) -> torch.Tensor:
 
 def apply_gate(e: torch.Tensor, gate: str) -> torch.Tensor:
     return torch.sigmoid(e) if gate == "sigmoid" else F.hardsigmoid(e)
-
-
-def hidden_width(channels: int, reduction: int, rd_channels: int | None) -> int:
-    """R = ``rd_channels`` if given, else ``max(1, channels // reduction)``."""
-    if rd_channels is not None:
-        if not isinstance(rd_channels, int) or rd_channels < 1:
-            raise ValueError(f"rd_channels must be a positive int, got {rd_channels!r}")
-        return rd_channels
-    if not isinstance(reduction, int) or reduction < 1:
-        raise ValueError(f"reduction must be a positive int, got {reduction!r}")
-    return max(1, channels // reduction)
 
 
 class SEBlock(nn.Module):

@@ -17,7 +17,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from se_fused.triton_kernels.common import MAIN_KERNEL_WARPS
+from se_fused.triton_kernels.schedule import MAIN_KERNEL_WARPS
 from se_fused.triton_kernels.backward import se_backward_kernel, se_weight_grad_kernel
 from se_fused.triton_kernels.forward import se_forward_kernel
 

@@ -38,9 +38,20 @@ def device(request):
     return torch.device(request.param)
 
 
+# ... and the PyTorch-ops backend, which shares their op contract and autograd.
+ALL_BACKEND_DEVICES = BACKEND_DEVICES + [("torch", "cpu")]
+
+
 @pytest.fixture(params=BACKEND_DEVICES, ids=lambda bd: f"{bd[0]}-{bd[1]}")
 def backend_device(request):
     """(backend name, device) for every fused backend available here."""
+    backend, device = request.param
+    return backend, torch.device(device)
+
+
+@pytest.fixture(params=ALL_BACKEND_DEVICES, ids=lambda bd: f"{bd[0]}-{bd[1]}")
+def any_backend_device(request):
+    """(backend name, device) for every backend, the PyTorch-ops one included."""
     backend, device = request.param
     return backend, torch.device(device)
 

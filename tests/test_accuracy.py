@@ -4,33 +4,15 @@ import pytest
 import torch
 
 from conftest import BACKEND_DEVICES
-from se_fused.triton_kernels import force_schedule
+from se_fused.debug import force_schedule
+from se_fused.shapes import MODEL_SHAPES
 from se_reference import Case, check_against_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LAYOUTS = [pytest.param(False, id="nchw"), pytest.param(True, id="channels_last")]
 
-# shared/DESIGN.md §5: every SE input of the four model families, (C, H, R, act, gate), H = W.
-MODEL_SHAPES = {
-    "seresnet50": [(256, 56, 16), (512, 28, 32), (1024, 14, 64), (2048, 7, 128)],
-    "efficientnet_b0": [(32, 112, 8), (96, 56, 4), (144, 56, 6), (144, 28, 6), (240, 28, 10), (240, 14, 10),
-                        (480, 14, 20), (672, 14, 28), (672, 7, 28), (1152, 7, 48)],
-    "mobilenetv3_large": [(72, 28, 24), (120, 28, 32), (480, 14, 120), (672, 14, 168), (672, 7, 168),
-                          (960, 7, 240)],
-    "regnety_1.6gf": [(48, 56, 8), (48, 56, 12), (120, 28, 12), (120, 28, 30), (336, 14, 30), (336, 14, 84),
-                      (888, 7, 84), (888, 7, 222)],
-}
-MODEL_ACT_GATE = {
-    "seresnet50": ("relu", "sigmoid"),
-    "efficientnet_b0": ("silu", "sigmoid"),
-    "mobilenetv3_large": ("relu", "hard_sigmoid"),
-    "regnety_1.6gf": ("relu", "sigmoid"),
-}
-
-
 def _model_cases():
-    for model, shapes in MODEL_SHAPES.items():
-        act, gate = MODEL_ACT_GATE[model]
+    for model, (act, gate, shapes) in MODEL_SHAPES.items():
         for c, hw, r in shapes:
             yield pytest.param((c, hw, r, act, gate), id=f"{model}-{c}x{hw}x{hw}-r{r}")
 
@@ -116,13 +98,17 @@ def test_forced_triton_schedules(schedule, channels_last, device):
 
 if ("cuda", "cuda") in BACKEND_DEVICES:  # defined only where it can run: a GPU and the CUDA extension
 
+    CUDA_SCHEDULES = [dict(split=False), dict(split=True), dict(split=True, group_size=1, num_programs=1),
+                      dict(split=True, group_size=2, num_programs=5)]
+
     @pytest.mark.parametrize("channels_last", LAYOUTS)
-    @pytest.mark.parametrize("split", ["0", "1"], ids=["per-sample", "split"])
-    def test_forced_cuda_schedules(split, channels_last, monkeypatch):
-        monkeypatch.setenv("SE_FUSED_CUDA_SPLIT", split)  # read by the binding on every call
-        _check_schedule_cases("cuda", torch.device("cuda"), channels_last)
-        for case in (Case(300, 48, 7, 7, 12), Case(3, 256, 56, 56, 16), Case(2, 2048, 7, 7, 128)):
-            check_against_reference(case, "cuda", torch.device("cuda"), torch.float16, channels_last=channels_last)
+    @pytest.mark.parametrize("schedule", CUDA_SCHEDULES, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+    def test_forced_cuda_schedules(schedule, channels_last):
+        with force_schedule(**schedule):
+            _check_schedule_cases("cuda", torch.device("cuda"), channels_last)
+            for case in (Case(300, 48, 7, 7, 12), Case(3, 256, 56, 56, 16), Case(2, 2048, 7, 7, 128)):
+                check_against_reference(case, "cuda", torch.device("cuda"), torch.float16,
+                                        channels_last=channels_last)
 
 
 def _check_schedule_cases(backend, device, channels_last):

@@ -38,19 +38,29 @@ def test_convert_model(name, backend, device):
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
 
 
-def test_unsupported_modules_are_left_alone():
-    se = timm.layers.SEModule(32, add_maxpool=True)
-    assert se_fused.fused_from_module(se) is None
-    with pytest.raises(ValueError, match="cannot convert SEModule"):
-        se_fused.FusedSE.from_module(se)
-    model = torch.nn.Sequential(se)
-    assert se_fused.convert_se_modules(model) == 0 and model[0] is se
+@pytest.mark.parametrize("module,reason", [
+    (timm.layers.SEModule(32, add_maxpool=True), "cannot convert SEModule: add_maxpool=True"),
+    (timm.layers.SEModule(32, norm_layer=torch.nn.BatchNorm2d), "cannot convert SEModule: a norm layer"),
+    (timm.layers.SEModule(32, act_layer=torch.nn.GELU), "ReLU or SiLU activations .* got GELU"),
+    (torch.nn.Conv2d(8, 8, 1), "cannot convert Conv2d: not a recognised SE module"),
+    (se_fused.FusedSE(8), "already fused"),
+], ids=["add_maxpool", "norm", "gelu", "conv", "fused"])
+def test_unsupported_modules_are_left_alone(module, reason):
+    with pytest.raises(ValueError, match=reason):
+        se_fused.FusedSE.from_module(module)
+    model = torch.nn.Sequential(module)
+    assert se_fused.convert_se_modules(model) == 0 and model[0] is module
+
+
+def test_convert_rejects_an_unknown_backend():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        se_fused.convert_se_modules(torch.nn.Sequential(se_fused.SEBlock(8)), backend="cudnn")
 
 
 def test_converted_block_trains_like_the_original():
     torch.manual_seed(0)
     original = timm.layers.SEModule(48, rd_channels=12)
-    fused = se_fused.fused_from_module(original, backend="torch")
+    fused = se_fused.FusedSE.from_module(original, backend="torch")
     x = torch.randn(3, 48, 5, 5, requires_grad=True)
     g = torch.randn_like(x)
     original(x).backward(g)

@@ -6,8 +6,8 @@ import torch
 
 import se_fused
 from se_fused import FusedSE, SEBlock
-from se_fused.triton_kernels import force_schedule
-from se_fused.triton_kernels.common import workspace
+from se_fused.debug import force_schedule
+from se_fused.triton_kernels.schedule import workspace
 
 
 def _pair(device, c=40, r=6, **kwargs):

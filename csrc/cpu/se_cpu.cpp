@@ -1,6 +1,8 @@
-#include "se_cpu.h"
-
+// The fused C++ CPU kernel and its registration as the CPU implementation of the se_fused ops:
+// one pass over x for the squeeze, one for the rescale, multi-threaded with at::parallel_for,
+// float32 (float64) accumulation, each sum taken in a fixed order (deterministic).
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -9,6 +11,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../se_binding.h"
 #include "../se_math.h"
 
 namespace se_fused {
@@ -164,10 +167,10 @@ void backward(const BackwardArgs& args) {
       // loops in the weights' memory order: w2 (C, R) and w1 (R, C) rows are contiguous
       std::fill(dan, dan + R, Acc(0));
       for (int64_t c = 0; c < C; ++c) {
-        den[c] *= gate_grad(e[n * C + c], args.gate);
+        den[c] = gate_backward(den[c], e[n * C + c], args.gate);
         for (int64_t r = 0; r < R; ++r) dan[r] += static_cast<Acc>(w2[c * args.w2_stride_c + r * args.w2_stride_r]) * den[c];
       }
-      for (int64_t r = 0; r < R; ++r) dan[r] *= activation_grad(a[n * R + r], args.act);
+      for (int64_t r = 0; r < R; ++r) dan[r] = activation_backward(dan[r], a[n * R + r], args.act);
       std::fill(dzn, dzn + C, Acc(0));
       for (int64_t r = 0; r < R; ++r)
         for (int64_t c = 0; c < C; ++c) dzn[c] += static_cast<Acc>(w1[r * args.w1_stride_r + c * args.w1_stride_c]) * dan[r];
@@ -243,9 +246,29 @@ struct Backward {
   static void run(const BackwardArgs& args) { backward<T, PT>(args); }
 };
 
+ForwardResult forward_cpu(const Tensor& x, const Tensor& fc1_weight, const c10::optional<Tensor>& fc1_bias,
+                          const Tensor& fc2_weight, const c10::optional<Tensor>& fc2_bias, c10::string_view act,
+                          c10::string_view gate) {
+  const ForwardCall call = forward_call(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate);
+  if (call.args.n > 0) dispatch<Forward>(call.args);
+  return call.result();
+}
+
+BackwardResult backward_cpu(const Tensor& grad_y, const Tensor& x, const Tensor& fc1_weight,
+                            const Tensor& fc2_weight, const Tensor& z, const Tensor& a, const Tensor& e,
+                            c10::string_view act, c10::string_view gate, bool has_fc1_bias, bool has_fc2_bias,
+                            bool need_dx, bool need_weight_grads) {
+  const BackwardCall call = backward_call(grad_y, x, fc1_weight, fc2_weight, z, a, e, act, gate, has_fc1_bias,
+                                          has_fc2_bias, need_dx, need_weight_grads);
+  if (call.args.n > 0) dispatch<Backward>(call.args);
+  return call.result();
+}
+
 }  // namespace
 
-void se_forward_cpu(const ForwardArgs& args) { dispatch<Forward>(args); }
-void se_backward_cpu(const BackwardArgs& args) { dispatch<Backward>(args); }
+TORCH_LIBRARY_IMPL(se_fused, CPU, m) {
+  m.impl("se_forward", &forward_cpu);
+  m.impl("se_backward", &backward_cpu);
+}
 
 }  // namespace se_fused

@@ -226,7 +226,7 @@ __device__ void excite_backward(const BackwardArgs& args, int64_t n, const A* pa
   for (int64_t c = threadIdx.x; c < C; c += kThreads) {
     A ds = 0;
     for (int seg = 0; seg < num_segments; ++seg) ds += __ldcg(partial + (n * num_segments + seg) * C + c);
-    de[c] = ds * gate_grad(e[c], args.gate);
+    de[c] = gate_backward(ds, e[c], args.gate);
   }
   __syncthreads();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -235,7 +235,7 @@ __device__ void excite_backward(const BackwardArgs& args, int64_t n, const A* pa
     for (int64_t c = lane; c < C; c += 32) dh += to_acc(w2[c * args.w2_stride_c + r * args.w2_stride_r]) * de[c];
     dh = warp_sum(dh);
     if (lane == 0) {
-      const A v = dh * activation_grad(a[r], args.act);
+      const A v = activation_backward(dh, a[r], args.act);
       da[r] = v;
       da_s[r] = v;
     }
@@ -548,11 +548,11 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 }  // namespace
 
 CudaSchedule plan_cuda_schedule(int64_t n, int64_t c, int64_t p, bool channels_inner, int element_size,
-                                int num_sms, int force_split) {
+                                int num_sms, int force_split, int64_t force_group_size, int64_t force_num_blocks) {
   CudaSchedule s{};
   s.block_c = channels_inner ? kBlockChannelsInner : kBlockChannelsRows;
   const int64_t channel_blocks = ceil_div(c, s.block_c);
-  const int64_t resident = static_cast<int64_t>(num_sms) * kBlocksPerSm;
+  const int64_t resident = force_num_blocks > 0 ? force_num_blocks : static_cast<int64_t>(num_sms) * kBlocksPerSm;
   s.split = force_split >= 0 ? force_split == 1 : !(n >= resident && c * p * element_size <= kSampleBytesPerBlock);
   if (!s.split) {
     s.seg_len = p;
@@ -570,7 +570,8 @@ CudaSchedule plan_cuda_schedule(int64_t n, int64_t c, int64_t p, bool channels_i
   s.seg_len = std::min(seg, ceil_div(p, unit) * unit);
   s.num_segments = static_cast<int>(ceil_div(p, s.seg_len));
   s.items_per_sample = static_cast<int>(channel_blocks * s.num_segments);
-  s.group_size = static_cast<int>(std::min<int64_t>(n, ceil_div(resident, s.items_per_sample)));
+  const int64_t group = force_group_size > 0 ? force_group_size : ceil_div(resident, s.items_per_sample);
+  s.group_size = static_cast<int>(std::min<int64_t>(n, group));
   s.num_groups = static_cast<int>(ceil_div(n, s.group_size));
   s.num_tickets = 2 * s.num_groups * s.group_size * s.items_per_sample;
   s.num_blocks = static_cast<int>(std::min<int64_t>(resident, s.num_tickets));

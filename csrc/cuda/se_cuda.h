@@ -1,6 +1,6 @@
 // Fused SE CUDA kernels: forward in one launch, backward in two. CUDA headers only.
 //
-// Schedule (shared/DESIGN.md §3, the same as the Triton kernels): a sample's (C, P)
+// Schedule (docs/DESIGN.md §3, the same as the Triton kernels): a sample's (C, P)
 // slice is cut into items (a block of channels x a segment of positions).
 // - split = false: one thread block owns a whole sample (reduce, MLP, rescale).
 // - split = true: persistent blocks take tickets from an atomic counter, ordered
@@ -32,9 +32,10 @@ struct CudaSchedule {
 
 constexpr int kThreads = 256;
 
-// force_split: -1 lets the heuristic choose; 0 or 1 forces the regime.
+// force_split: -1 lets the heuristic choose; 0 or 1 forces the regime. force_group_size and
+// force_num_blocks (split regime): 0 lets the heuristic choose.
 CudaSchedule plan_cuda_schedule(int64_t n, int64_t c, int64_t p, bool channels_inner, int element_size,
-                                int num_sms, int force_split);
+                                int num_sms, int force_split, int64_t force_group_size, int64_t force_num_blocks);
 
 // `sync` points at 1 + 2*n zero-initialised ints (ticket, per-sample counters, per-sample
 // flags) that are zero again when the kernel ends. `partial` holds n * num_segments * c

@@ -1,8 +1,14 @@
-"""Triton kernels of the fused SE block: one forward launch, two backward launches."""
+"""Triton kernels of the fused SE block: one forward launch, two backward launches.
+
+    device.py    device code: the SE math, memory passes, synchronisation protocol
+    schedule.py  host side: schedule, workspace, launch
+    forward.py   se_forward_kernel and its launcher
+    backward.py  se_backward_kernel, se_weight_grad_kernel and their launcher
+"""
 
 from .backward import se_backward
-from .common import force_schedule, uses_interpreter
 from .forward import se_forward, se_forward_kernel
+from .schedule import uses_interpreter
 
 
 def interpreter_enabled() -> bool:
@@ -10,4 +16,4 @@ def interpreter_enabled() -> bool:
     return uses_interpreter(se_forward_kernel)
 
 
-__all__ = ["force_schedule", "interpreter_enabled", "se_backward", "se_forward"]
+__all__ = ["interpreter_enabled", "se_backward", "se_forward"]

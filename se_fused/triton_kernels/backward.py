@@ -15,28 +15,30 @@ import triton
 import triton.language as tl
 
 from ..debug import new_output
-from .common import (
-    ACT_CODES,
-    MAIN_KERNEL_WARPS,
-    GATE_CODES,
+from ..spec import spatial_strides
+from .device import (
     activation,
-    activation_grad,
+    activation_backward,
     arrive_reduced,
-    choose_schedule,
     decode_ticket,
     gate,
-    gate_grad,
-    launch,
-    mlp_blocks,
+    gate_backward,
     next_ticket,
     publish,
     reduce_chunk,
     release_rescaled,
     retire,
     scale_chunk,
-    spatial_strides,
     sum_partials,
     wait_published,
+)
+from .schedule import (
+    ACT_CODES,
+    GATE_CODES,
+    MAIN_KERNEL_WARPS,
+    choose_schedule,
+    launch,
+    mlp_blocks,
     workspace,
 )
 
@@ -56,13 +58,13 @@ def _excite_backward(
         mask_c = offs_c < C
         ds = sum_partials(partial_ptr, n, num_segments, offs_c, mask_c, C)
         e = tl.load(e_ptr + n * C + offs_c, mask=mask_c, other=0.0)
-        de = ds * gate_grad(e, GATE)
+        de = gate_backward(ds, e, GATE)
         tl.store(de_ptr + n * C + offs_c, de, mask=mask_c)
         w2 = tl.load(w2_ptr + offs_c[:, None] * stride_w2c + offs_r[None, :] * stride_w2r,
                      mask=mask_c[:, None] & mask_r[None, :], other=0.0).to(dh.dtype)
         dh += tl.sum(w2 * de[:, None], axis=0)
     a = tl.load(a_ptr + n * R + offs_r, mask=mask_r, other=0.0)
-    da = tl.where(mask_r, dh * activation_grad(a, ACT), 0.0)
+    da = tl.where(mask_r, activation_backward(dh, a, ACT), 0.0)
     tl.store(da_ptr + n * R + offs_r, da, mask=mask_r)
     for c0 in range(0, C, BLOCK_CM):
         offs_c = c0 + tl.arange(0, BLOCK_CM)
@@ -189,18 +191,29 @@ def se_weight_grad_kernel(
 
 
 def se_backward(g: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, z: torch.Tensor,
-                a: torch.Tensor, e: torch.Tensor, act: str, gate_name: str, *, need_dx: bool,
-                need_weight_grads: bool, has_b1: bool, has_b2: bool, param_dtype: torch.dtype):
-    """Returns (dx, dw1, db1, dw2, db2) with None where not needed; dw1 (R, C), dw2 (C, R)."""
+                a: torch.Tensor, e: torch.Tensor, act: str, gate_name: str, has_b1: bool, has_b2: bool, need_dx: bool,
+                need_weight_grads: bool):
+    """Returns (dx, dw1, db1, dw2, db2), empty tensors for what is not needed; dw1 (R, C), dw2 (C, R)."""
     n, c, h, w = x.shape
     r, p = w1.shape[0], h * w
+    param_dtype = w1.dtype
     x_strides = spatial_strides(x)
     g_strides = spatial_strides(g)
     if g_strides is None:
         g = g.contiguous(memory_format=torch.channels_last if x_strides[1] == 1 else torch.contiguous_format)
         g_strides = spatial_strides(g)
-    dx = new_output(None, like=x) if need_dx else None
+    dx = new_output(None, like=x) if need_dx else x.new_empty((0,))
     dx_strides = spatial_strides(dx) if need_dx else (0, 0, 0)
+
+    def param_grad(*shape, needed=True):  # a new tensor each: outputs of an op must not alias
+        return new_output(shape if needed and need_weight_grads else (0,), dtype=param_dtype, device=x.device)
+
+    dw1, dw2 = param_grad(r, c), param_grad(c, r)
+    db1, db2 = param_grad(r, needed=has_b1), param_grad(c, needed=has_b2)
+    if n == 0:  # a sum over an empty batch
+        for t in (dw1, dw2, db1, db2):
+            t.zero_()
+        return dx, dw1, db1, dw2, db2
     de = new_output((n, c), dtype=z.dtype, device=x.device)
     da = new_output((n, r), dtype=z.dtype, device=x.device)
     dzp = new_output((n, c), dtype=z.dtype, device=x.device)
@@ -212,7 +225,7 @@ def se_backward(g: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Te
     block_r, block_cm = mlp_blocks(c, r)
     launch(
         se_backward_kernel, (sched.num_programs,),
-        g, x, x if dx is None else dx, w1, w2, a, e, de, da, dzp,
+        g, x, x if not need_dx else dx, w1, w2, a, e, de, da, dzp,
         partial, ticket, counters, flags,
         n, c, r, p, *g_strides, *x_strides, *dx_strides, *w1.stride(), *w2.stride(),
         sched.seg_len, sched.num_segments, sched.items_per_sample, sched.group_size, sched.num_groups,
@@ -222,17 +235,13 @@ def se_backward(g: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Te
         num_warps=MAIN_KERNEL_WARPS,
     )
     if not need_weight_grads:
-        return dx, None, None, None, None
+        return dx, dw1, db1, dw2, db2
 
-    dw1 = new_output((r, c), dtype=param_dtype, device=x.device)
-    dw2 = new_output((c, r), dtype=param_dtype, device=x.device)
-    db1 = new_output((r,), dtype=param_dtype, device=x.device) if has_b1 else None
-    db2 = new_output((c,), dtype=param_dtype, device=x.device) if has_b2 else None
     block_c = min(triton.next_power_of_2(c), 32)  # two 32x32 accumulators: no spills even in float64
     block_r = min(triton.next_power_of_2(r), 32)
     launch(
         se_weight_grad_kernel, (triton.cdiv(c, block_c), triton.cdiv(r, block_r)),
-        de, da, z, a, dw1, dw1 if db1 is None else db1, dw2, dw2 if db2 is None else db2,
+        de, da, z, a, dw1, dw1 if not has_b1 else db1, dw2, dw2 if not has_b2 else db2,
         n, c, r, *dw1.stride(), *dw2.stride(),
         ACT=ACT_CODES[act], HAS_B1=has_b1, HAS_B2=has_b2, BLOCK_C=block_c, BLOCK_R=block_r,
     )

@@ -12,26 +12,28 @@ import triton
 import triton.language as tl
 
 from ..debug import new_output
-from .common import (
-    ACT_CODES,
-    MAIN_KERNEL_WARPS,
-    GATE_CODES,
+from ..spec import spatial_strides
+from .device import (
     activation,
     arrive_reduced,
-    choose_schedule,
     decode_ticket,
     gate,
-    launch,
-    mlp_blocks,
     next_ticket,
     publish,
     reduce_chunk,
     release_rescaled,
     retire,
     scale_chunk,
-    spatial_strides,
     sum_partials,
     wait_published,
+)
+from .schedule import (
+    ACT_CODES,
+    GATE_CODES,
+    MAIN_KERNEL_WARPS,
+    choose_schedule,
+    launch,
+    mlp_blocks,
     workspace,
 )
 
@@ -150,15 +152,14 @@ def se_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: t
     n, c, h, w = x.shape
     r, p = w1.shape[0], h * w
     x_strides = spatial_strides(x)
-    if x_strides is None:
-        x = x.contiguous()
-        x_strides = spatial_strides(x)
     y = new_output(None, like=x)
     y_strides = spatial_strides(y)
     compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     z = new_output((n, c), dtype=compute_dtype, device=x.device)
     a = new_output((n, r), dtype=compute_dtype, device=x.device)
     e = new_output((n, c), dtype=compute_dtype, device=x.device)
+    if n == 0:
+        return y, z, a, e
 
     sched = choose_schedule(n, c, p, x_strides[1] == 1, x.element_size(), x.device)
     ws = workspace(x.device)

@@ -1,0 +1,107 @@
+// The CUDA implementation of the se_fused ops: device guard, stream, the schedule plan and the
+// per-stream workspace of self-resetting counters, then the kernels of se_cuda.cu. Compiled by the
+// host compiler (torch headers here; the .cu file sees CUDA headers only).
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAGraphsUtils.cuh>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <map>
+#include <mutex>
+#include <utility>
+
+#include "../se_binding.h"
+#include "se_cuda.h"
+
+#ifndef SE_FUSED_CUDA_ARCH_LIST
+#define SE_FUSED_CUDA_ARCH_LIST "unknown"
+#endif
+
+namespace se_fused {
+namespace {
+
+// R accumulators live in dynamic shared memory; with up to 8 KiB of static shared memory beside
+// them, 32 KiB keeps a block under the 48 KiB available without opt-in.
+constexpr int64_t kMaxSharedAccumulatorBytes = 32 * 1024;
+
+const bool registered = (register_cuda_build(SE_FUSED_CUDA_ARCH_LIST), true);
+
+// Self-resetting counters (ticket, per-sample counters, per-sample flags; zero between launches)
+// of the current stream. Launches on one stream run in order, so they share one workspace.
+// While a CUDA graph is captured, a fresh workspace comes from the graph's private pool (zeroed
+// by a captured fill) and stays the graph's own: a cached one must never live in that pool.
+Tensor sync_workspace(const Tensor& x, int64_t n) {
+  if (at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None) {
+    return at::zeros({1 + 2 * n}, x.options().dtype(at::kInt));
+  }
+  static std::mutex mutex;
+  // Never destroyed: freeing CUDA memory from a static destructor can outlive the CUDA context.
+  static auto* workspaces = new std::map<std::pair<int, cudaStream_t>, Tensor>();
+  const std::lock_guard<std::mutex> lock(mutex);
+  Tensor& ws = (*workspaces)[{x.get_device(), at::cuda::getCurrentCUDAStream().stream()}];
+  if (!ws.defined() || ws.numel() < 1 + 2 * n) {
+    // Zeroed once here; afterwards the kernels leave every counter at zero.
+    ws = at::zeros({1 + 2 * std::max<int64_t>(n, ws.defined() ? ws.numel() : 0)}, x.options().dtype(at::kInt));
+  }
+  return ws;
+}
+
+CudaSchedule schedule(const Tensor& x, const Strides3& s) {
+  const ForcedSchedule forced = forced_schedule();
+  return plan_cuda_schedule(x.size(0), x.size(1), x.size(2) * x.size(3), s.c == 1 && s.p != 1,
+                            static_cast<int>(x.element_size()),
+                            at::cuda::getCurrentDeviceProperties()->multiProcessorCount, forced.split,
+                            forced.group_size, forced.num_programs);
+}
+
+// Before anything is allocated; the shape of fc1_weight itself is checked by the binding.
+void check_hidden_width(const Tensor& x, const Tensor& fc1_weight) {
+  const int64_t r = fc1_weight.dim() > 0 ? fc1_weight.size(0) : 0;
+  const int64_t bytes = compute_dtype(x) == at::kDouble ? 8 : 4;
+  TORCH_CHECK_VALUE(r * bytes <= kMaxSharedAccumulatorBytes, "se_fused: the CUDA kernels hold R = ", r,
+                    " hidden units in shared memory; at most ", kMaxSharedAccumulatorBytes / bytes,
+                    " are supported for ", x.scalar_type(), " (use backend='cpp' or 'torch')");
+}
+
+ForwardResult forward_cuda(const Tensor& x, const Tensor& fc1_weight, const c10::optional<Tensor>& fc1_bias,
+                           const Tensor& fc2_weight, const c10::optional<Tensor>& fc2_bias, c10::string_view act,
+                           c10::string_view gate) {
+  check_hidden_width(x, fc1_weight);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const ForwardCall call = forward_call(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate);
+  if (call.args.n == 0) return call.result();
+  const CudaSchedule plan = schedule(x, call.args.x_strides);
+  const Tensor sync = sync_workspace(x, call.args.n);
+  const Tensor partial = at::empty({call.args.n * plan.num_segments * call.args.c}, call.z.options());
+  const cudaError_t err = se_forward_cuda(call.args, plan, sync.data_ptr<int>(), partial.data_ptr(),
+                                          at::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "se_fused: CUDA forward launch failed: ", cudaGetErrorString(err));
+  return call.result();
+}
+
+BackwardResult backward_cuda(const Tensor& grad_y, const Tensor& x, const Tensor& fc1_weight,
+                             const Tensor& fc2_weight, const Tensor& z, const Tensor& a, const Tensor& e,
+                             c10::string_view act, c10::string_view gate, bool has_fc1_bias, bool has_fc2_bias,
+                             bool need_dx, bool need_weight_grads) {
+  check_hidden_width(x, fc1_weight);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const BackwardCall call = backward_call(grad_y, x, fc1_weight, fc2_weight, z, a, e, act, gate, has_fc1_bias,
+                                          has_fc2_bias, need_dx, need_weight_grads);
+  if (call.args.n == 0) return call.result();
+  const CudaSchedule plan = schedule(x, call.args.x_strides);
+  const Tensor sync = sync_workspace(x, call.args.n);
+  const Tensor partial = at::empty({call.args.n * plan.num_segments * call.args.c}, call.de.options());
+  const cudaError_t err = se_backward_cuda(call.args, plan, sync.data_ptr<int>(), partial.data_ptr(),
+                                           at::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "se_fused: CUDA backward launch failed: ", cudaGetErrorString(err));
+  return call.result();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(se_fused, CUDA, m) {
+  m.impl("se_forward", &forward_cuda);
+  m.impl("se_backward", &backward_cuda);
+}
+
+}  // namespace se_fused

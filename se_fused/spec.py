@@ -1,0 +1,123 @@
+"""The vocabulary every layer shares: what an SE problem is, and the checks that keep bad input
+away from the kernels.
+
+Names (activations, gates, backends), the dtypes x and the parameters may have, the compute
+dtype of the saved vectors, the (N, C, P) stride view of x, the kernels' hidden-width limits,
+and ``check_inputs``, which every call passes through before any kernel runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ACTIVATIONS = ("relu", "silu")
+GATES = ("sigmoid", "hard_sigmoid")
+BACKENDS = ("auto", "cuda", "cpp", "triton", "torch")
+INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Largest hidden width R each kernel family takes (the compute dtype's bytes in brackets):
+# the CUDA kernels keep R accumulators in 32 KiB of shared memory, the Triton kernels keep
+# R in registers in one tile. The C++ and PyTorch backends have no limit beyond memory.
+MAX_HIDDEN = {"cuda": {4: 8192, 8: 4096}, "triton": {4: 8192, 8: 8192}}
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def hidden_width(channels: int, reduction: int, rd_channels: int | None) -> int:
+    """R = ``rd_channels`` if given, else ``max(1, channels // reduction)``."""
+    if rd_channels is not None:
+        if not isinstance(rd_channels, int) or rd_channels < 1:
+            raise ValueError(f"rd_channels must be a positive int, got {rd_channels!r}")
+        return rd_channels
+    if not isinstance(reduction, int) or reduction < 1:
+        raise ValueError(f"reduction must be a positive int, got {reduction!r}")
+    return max(1, channels // reduction)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of accumulation and of the saved vectors z, a, e: float64 for float64 x, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def spatial_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """(stride_n, stride_c, stride_p) when H and W flatten into one position axis P, else None.
+
+    True for NCHW-contiguous and channels_last tensors (and any other strides where
+    stride_h = W * stride_w), so the kernels read them without a copy.
+    """
+    _, _, h, w = t.shape
+    sn, sc, sh, sw = t.stride()
+    if w == 1:
+        return sn, sc, sh
+    if h == 1 or sh == w * sw:
+        return sn, sc, sw
+    return None
+
+
+def flattenable(x: torch.Tensor) -> torch.Tensor:
+    """x itself when H and W flatten into one strided axis, else a contiguous copy."""
+    return x if spatial_strides(x) is not None else x.contiguous()
+
+
+def _check_tensor(name: str, t: object, ndims: tuple[int, ...]) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() not in ndims:
+        raise ValueError(f"{name} must have {' or '.join(map(str, ndims))} dimensions, got shape {tuple(t.shape)}")
+
+
+def check_inputs(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act: str, gate: str) -> None:
+    """Every argument of ``squeeze_excite``, checked before any kernel runs; messages name the argument."""
+    check_choice("act", act, ACTIVATIONS)
+    check_choice("gate", gate, GATES)
+    _check_tensor("x", x, (4,))
+    if x.dtype not in INPUT_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    n, c, h, w = x.shape
+    if c == 0 or h * w == 0:
+        raise ValueError(f"x must have at least one channel and one spatial position, got shape {tuple(x.shape)}")
+    _check_tensor("fc1_weight", fc1_weight, (2, 4))
+    _check_tensor("fc2_weight", fc2_weight, (2, 4))
+    r = fc1_weight.shape[0]
+    for name, wt, expected in (("fc1_weight", fc1_weight, (r, c)), ("fc2_weight", fc2_weight, (c, r))):
+        if tuple(wt.shape[:2]) != expected or wt.shape[2:] not in ((), (1, 1)):
+            raise ValueError(f"{name} must have shape {expected} or {expected + (1, 1)} for x with {c} channels "
+                             f"and fc1_weight with {r} outputs, got {tuple(wt.shape)}")
+    params = [("fc1_weight", fc1_weight), ("fc2_weight", fc2_weight)]
+    for name, bias, size in (("fc1_bias", fc1_bias, r), ("fc2_bias", fc2_bias, c)):
+        if bias is not None:
+            _check_tensor(name, bias, (1,))
+            if bias.shape[0] != size:
+                raise ValueError(f"{name} must have shape ({size},), got {tuple(bias.shape)}")
+            params.append((name, bias))
+    half_x = x.dtype in (torch.float16, torch.bfloat16)
+    for name, t in params:
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must share a device")
+        if t.dtype != fc1_weight.dtype or not (t.dtype == x.dtype or (half_x and t.dtype == torch.float32)):
+            allowed = f"{x.dtype} or torch.float32" if half_x else str(x.dtype)
+            raise TypeError(f"{name} has dtype {t.dtype}; parameters must all be {allowed} for x of dtype {x.dtype}")
+
+
+def check_hidden_width(backend: str, r: int, x: torch.Tensor) -> None:
+    """A clear error for R beyond what `backend`'s kernels hold."""
+    limits = MAX_HIDDEN.get(backend)
+    if limits is None:
+        return
+    limit = limits[8 if x.dtype == torch.float64 else 4]
+    if r > limit:
+        raise ValueError(f"backend={backend!r} supports at most {limit} hidden units (R) for {x.dtype} input, got "
+                         f"fc1_weight with {r} outputs; use backend='cpp' (CPU) or 'torch'")
+
+
+def check_grad(grad_y, x) -> None:
+    """grad_y of a backward op: x's shape, dtype and device."""
+    if tuple(grad_y.shape) != tuple(x.shape):
+        raise ValueError(f"grad_y must have x's shape {tuple(x.shape)}, got {tuple(grad_y.shape)}")
+    if grad_y.dtype != x.dtype:
+        raise TypeError(f"grad_y must have x's dtype {x.dtype}, got {grad_y.dtype}")
+    if grad_y.device != x.device:
+        raise ValueError(f"grad_y is on {grad_y.device} but x is on {x.device}")
