@@ -1,0 +1,97 @@
+"""Whole converted models under torch.compile(fullgraph=True) and torch.export, every backend;
+CUDA graph capture on the first call (GPU only)."""
+
+import pytest
+import timm
+import torch
+
+import se_fused
+from conftest import ALL_BACKEND_DEVICES
+
+# The interpreter runs Triton kernels in Python: the smallest model only, at a small size.
+MODELS = ["mobilenetv3_large_100", "efficientnet_b0", "seresnet50"]
+CASES = [(model, backend, device) for backend, device in ALL_BACKEND_DEVICES for model in MODELS
+         if not (backend == "triton" and device == "cpu" and model != "mobilenetv3_large_100")]
+
+
+def _converted(model_name, backend, device, seed=0):
+    torch.manual_seed(seed)
+    model = timm.create_model(model_name, pretrained=False).to(device)
+    for m in model.modules():  # timm zero-inits some BN weights, hiding the SE path from the gradients checked
+        if isinstance(m, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+    assert se_fused.convert_se_modules(model, backend=backend) > 0
+    return model
+
+
+def _forward_backward(run, model, x):
+    model.zero_grad(set_to_none=True)
+    loss = run(x).square().mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if ".se." in n}
+
+
+@pytest.mark.parametrize("model_name,backend,device", CASES, ids=[f"{m}-{b}-{d}" for m, b, d in CASES])
+def test_compile_fullgraph_forward_and_backward(model_name, backend, device):
+    torch._dynamo.reset()
+    model = _converted(model_name, backend, device).train()
+    size = 16 if backend == "triton" and device == "cpu" else 32  # the interpreter: 1x1 maps at the end
+    x = torch.randn(2, 3, size, size, device=device)
+    loss, grads = _forward_backward(model, model, x)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # fake kernels, AOT forward + backward
+    _forward_backward(compiled, model, x)  # compiles
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        compiled_loss, compiled_grads = _forward_backward(compiled, model, x)
+    torch.testing.assert_close(compiled_loss, loss, rtol=1e-4, atol=1e-5)
+    assert grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+    ran = {e.name.split(".")[0] for e in prof.events() if e.name.startswith("se_fused::")}
+    suffix = "" if backend in ("cpp", "cuda") else f"_{backend}"
+    assert ran == {f"se_fused::se_forward{suffix}", f"se_fused::se_backward{suffix}"}, ran
+
+
+def test_compile_with_inductor_keeps_the_ops():
+    """The default backend (Inductor, C++ codegen on the CPU) around converted blocks: same results."""
+    torch._dynamo.reset()
+    model = _converted("mobilenetv3_large_100", "auto", "cpu").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        got = torch.compile(model, fullgraph=True)(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKEND_DEVICES, ids=[f"{b}-{d}" for b, d in ALL_BACKEND_DEVICES])
+def test_export(backend, device):
+    block = se_fused.FusedSE(24, rd_channels=6, act="silu", backend=backend).to(device)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 24, 3, padding=1), block).to(device).eval()
+    x = torch.randn(2, 3, 8, 8, device=device)
+    exported = torch.export.export(model, (x,))
+    targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    assert any("se_fused" in t for t in targets), targets
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), model(x))
+
+
+if torch.cuda.is_available():
+
+    @pytest.mark.parametrize("backend", ["cuda", "triton"])
+    def test_cuda_graph_capture_on_the_first_call(backend):
+        """No warm-up: the workspace a captured launch uses belongs to the graph, and eager calls after
+        the capture use their own."""
+        torch.manual_seed(0)
+        block = se_fused.FusedSE(40, rd_channels=6, backend=backend).cuda()
+        stream = torch.cuda.Stream()  # a stream se_fused has never seen
+        x = torch.randn(3, 40, 9, 9, device="cuda")
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(stream), torch.no_grad():
+            with torch.cuda.graph(graph, stream=stream):
+                y = block(x)
+            for _ in range(3):
+                x.copy_(torch.randn_like(x))
+                graph.replay()
+                eager = block(x)  # eager calls between replays on the same stream
+                torch.testing.assert_close(y, eager)
+                torch.testing.assert_close(y, se_fused.SEBlock.forward(block, x), rtol=1e-5, atol=1e-5)
+        torch.cuda.synchronize()
