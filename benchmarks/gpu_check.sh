@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything a GPU can tell us, in one run of under 10 minutes (shared/DESIGN.md §7):
+# Everything a GPU can tell us, in one run of under 10 minutes (docs/DESIGN.md §7):
 # versions, build against this machine's torch, the test suite on CUDA, compute-sanitizer
 # memcheck + racecheck on a small case, and a quick eager / triton / cuda timing.
 #
