@@ -60,7 +60,8 @@ def extension_setup() -> dict:
         log(f"torch is not importable at build time ({err}); pure-Python install")
         return {}
 
-    sources = ["csrc/se_fused.cpp", "csrc/cpu/se_cpu.cpp"]  # the schema and the CPU implementation
+    # the schema and the CPU implementation, its kernel built per instruction set (csrc/cpu/se_cpu.h)
+    sources = ["csrc/se_fused.cpp", "csrc/cpu/se_cpu.cpp"] + sorted(glob.glob("csrc/cpu/se_cpu_isa_*.cpp"))
     cxx_flags = ["-O3", "-fopenmp"]  # no -std: torch picks the standard its headers need
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("SE_FUSED_NO_CUDA") != "1"
     if REQUIRE_CUDA and not with_cuda:

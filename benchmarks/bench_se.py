@@ -3,6 +3,7 @@
     python benchmarks/bench_se.py --out bench_out            # quick set on the available device
     python benchmarks/bench_se.py --full --out bench_out     # every shape, batch, dtype, layout, pass
     python benchmarks/bench_se.py --models seresnet50 --batches 128 --dtypes bfloat16
+    python benchmarks/bench_se.py --device cpu --batches 8 32 --full --out bench_cpu   # the CPU table
 
 Shapes are the SE inputs of docs/DESIGN.md §5 (se_fused/shapes.py), each with its model's R, act and gate.
 Contenders run in the same process: eager SEBlock; torch.compile(SEBlock) in default and
@@ -10,12 +11,22 @@ max-autotune modes (compile time reported apart, in compile_s); timm SEModule an
 torchvision SqueezeExcitation where installed; FusedSE with every backend available.
 Passes: forward (no grad), forward+backward, backward alone.
 
+torch.compile rows measure compiled code or nothing: Dynamo is reset for every configuration
+(one module class compiled over many shapes otherwise hits the recompile limit and silently
+runs eager), and each compiled contender must show a "Torch-Compiled Region" in a profiled
+call; one that ran eagerly is reported as "not compiled", with no time.
+
 GPU timing: triton.testing.do_bench (warm-up, then median with 20th/80th percentiles),
 rotating over input buffers that together exceed the L2 cache. Achieved bandwidth counts
 the floor's bytes (§2: forward 2B, backward 3B, forward+backward 5B, B = the bytes of x)
 and is compared with a device-to-device copy measured in the same run. Kernel launches per
 call come from torch.profiler; peak memory is that of forward+backward above the inputs.
-CPU timing: wall-clock medians, labelled as CPU results.
+
+CPU timing, for a shared, noisy machine: every contender and pass of a configuration is timed
+in --rounds interleaved rounds of --calls single-call wall-clock samples; the reported time is
+the minimum over rounds of the per-round medians (p20/p80 over all samples show the spread).
+Inputs rotate over buffers exceeding the last-level cache; a copy of a large buffer is timed
+the same way in the same run; the thread count is reported.
 
 Writes bench.csv, bench.md and bench.png (speedup over eager) into --out.
 """
@@ -25,6 +36,8 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
+import platform
 import statistics
 import sys
 import time
@@ -111,30 +124,66 @@ def contenders(device: torch.device, compile_modes: list[str]):
 # ----------------------------------------------------------------------------- timing
 
 
-def time_ms(fn, device: torch.device, samples_on_cpu: int = 15) -> tuple[float, float, float]:
-    """(median, p20, p80) in milliseconds: do_bench on a GPU, wall-clock samples on the CPU."""
-    if device.type == "cuda":
-        import triton.testing
+def gpu_time_ms(fn) -> tuple[float, float, float]:
+    """(median, p20, p80) in milliseconds of triton.testing.do_bench."""
+    import triton.testing
 
-        return tuple(triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8]))
+    return tuple(triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8]))
+
+
+def cpu_time_ms(runs: dict, rounds: int, calls: int) -> dict:
+    """{key: (min of per-round medians, p20, p80)} in milliseconds; the runs interleave round by round,
+    so drift on a shared machine reaches every contender alike."""
+    samples: dict = {key: [] for key in runs}
+    medians: dict = {key: [] for key in runs}
+    for _ in range(rounds):
+        for key, run in runs.items():
+            round_samples = []
+            for _ in range(calls):
+                start = time.perf_counter()
+                run()
+                round_samples.append((time.perf_counter() - start) * 1e3)
+            samples[key] += round_samples
+            medians[key].append(statistics.median(round_samples))
+    out = {}
+    for key in runs:
+        q = statistics.quantiles(samples[key], n=10) if len(samples[key]) > 1 else samples[key] * 9
+        out[key] = (min(medians[key]), q[1], q[7])
+    return out
+
+
+def time_ms(fn, device: torch.device, rounds: int = 5, calls: int = 10) -> tuple[float, float, float]:
+    """(median, p20, p80) of one callable: do_bench on a GPU, the CPU protocol otherwise."""
+    if device.type == "cuda":
+        return gpu_time_ms(fn)
     for _ in range(3):
         fn()
-    samples = []
-    for _ in range(max(samples_on_cpu, 2)):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    q = statistics.quantiles(samples, n=10)
-    return statistics.median(samples), q[1], q[7]
+    return cpu_time_ms({0: fn}, rounds, calls)[0]
 
 
-def copy_bandwidth(device: torch.device) -> float | None:
-    """Bytes read + written per second by a large device-to-device copy."""
-    if device.type != "cuda":
-        return None
-    src = torch.empty(L2_ROTATION_BYTES // 2, dtype=torch.uint8, device=device)
+def copy_bandwidth(device: torch.device, rounds: int, calls: int) -> float:
+    """Bytes read + written per second by a copy of a buffer larger than the caches."""
+    src = torch.empty(rotation_bytes(device) // 2, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    return 2 * src.numel() / (time_ms(lambda: dst.copy_(src), device)[0] * 1e-3)
+    return 2 * src.numel() / (time_ms(lambda: dst.copy_(src), device, rounds, calls)[0] * 1e-3)
+
+
+def rotation_bytes(device: torch.device) -> int:
+    """Input bytes to rotate over so no input is still cached from its last use: twice the last-level cache."""
+    if device.type == "cuda":
+        return L2_ROTATION_BYTES
+    try:
+        llc = os.sysconf("SC_LEVEL3_CACHE_SIZE") or os.sysconf("SC_LEVEL2_CACHE_SIZE")
+    except (ValueError, OSError):
+        llc = 0
+    return 2 * (llc if llc > 0 else 32 * 2**20)
+
+
+def compiled_region_ran(fn) -> bool:
+    """True when a call of `fn` runs code torch.compile produced (a "Torch-Compiled Region" in its profile)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return any(e.name.startswith("Torch-Compiled Region") for e in prof.events())
 
 
 def kernel_launches(fn, device: torch.device) -> int | None:
@@ -180,10 +229,10 @@ def pass_fn(block, pass_name, inputs, grad):
 
 
 class Rotation:
-    """Input buffers handed out in turn, enough of them to exceed the L2 cache on a GPU."""
+    """Input buffers handed out in turn, enough of them to exceed the last-level cache."""
 
     def __init__(self, make, nbytes: int, device: torch.device) -> None:
-        count = max(2, math.ceil(L2_ROTATION_BYTES / nbytes)) if device.type == "cuda" else 2
+        count = max(2, math.ceil(rotation_bytes(device) / nbytes))
         self.items = [(make(), i) for i in range(min(count, 64))]
         self.i = 0
 
@@ -223,14 +272,17 @@ def main() -> None:
     parser.add_argument("--passes", nargs="*", choices=PASSES)
     parser.add_argument("--compile-modes", nargs="*", choices=["default", "max-autotune"])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--contenders", nargs="*", help="only contenders whose name contains one of these")
+    parser.add_argument("--rounds", type=int, default=7, help="CPU: interleaved rounds per configuration")
+    parser.add_argument("--calls", type=int, default=10, help="CPU: timed calls per contender and round")
     args = parser.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     if gpu:
         default_batches, default_dtypes = ([1, 8, 128], ["float16", "bfloat16", "float32"]) if args.full else (
             [1, 128], ["float16"])
-    else:  # CPU: a smoke run of the same machinery, not a result
-        default_batches, default_dtypes = [1], ["float32"]
+    else:
+        default_batches, default_dtypes = [8], ["float32"]
     args.batches = args.batches or default_batches
     args.dtypes = [getattr(torch, d) for d in (args.dtypes or default_dtypes)]
     args.layouts = args.layouts or ["nchw", "channels_last"]
@@ -240,10 +292,14 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    card = torch.cuda.get_device_name(device) if gpu else "CPU (not a GPU result)"
-    copy_bw = copy_bandwidth(device)
-    header = (f"{card}; torch {torch.__version__}; "
-              + (f"copy bandwidth {copy_bw / 1e9:.0f} GB/s" if copy_bw else "no copy bandwidth on CPU"))
+    if gpu:
+        card = torch.cuda.get_device_name(device)
+    else:
+        card = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; not a GPU result)"
+    copy_bw = copy_bandwidth(device, args.rounds, args.calls)
+    header = f"{card}; torch {torch.__version__}; copy bandwidth {copy_bw / 1e9:.1f} GB/s (read + write)"
+    if not gpu:
+        header += f"; min over {args.rounds} interleaved rounds of the median of {args.calls} calls"
     print(header, flush=True)
     rows = []
     configs = list(configurations(args))
@@ -254,12 +310,12 @@ def main() -> None:
     except ImportError:
         pass
     for model, (c, hw, r), act, gate, batch, dtype, layout in configs:
-        rows += bench_config(device, copy_bw, compile_modes, args.passes, model, c, hw, r, act, gate, batch, dtype,
-                             layout)
+        rows += bench_config(device, copy_bw, compile_modes, args, model, c, hw, r, act, gate, batch, dtype, layout)
     write_outputs(out, rows, header)
 
 
-def bench_config(device, copy_bw, compile_modes, passes, model, c, hw, r, act, gate, batch, dtype, layout):
+def bench_config(device, copy_bw, compile_modes, args, model, c, hw, r, act, gate, batch, dtype, layout):
+    torch._dynamo.reset()  # a fresh recompile budget: compiled contenders must really compile (module docstring)
     memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     torch.manual_seed(0)
     reference = SEBlock(c, rd_channels=r, act=act, gate=gate).to(device=device, dtype=dtype)
@@ -269,33 +325,48 @@ def bench_config(device, copy_bw, compile_modes, passes, model, c, hw, r, act, g
     grad = torch.randn(batch, c, hw, hw, device=device, dtype=dtype).to(memory_format=memory_format)
     base = dict(device=device.type, model=model, shape=f"{c}x{hw}x{hw} r{r}", batch=batch,
                 dtype=str(dtype).removeprefix("torch."), layout=layout)
-    results = []
+    results, runs = [], {}
     for name, factory, why in contenders(device, compile_modes):
+        if args.contenders and not any(part in name for part in args.contenders):
+            continue
         if factory is None:
             results += [dict(base, **{"pass": p, "contender": name, "status": f"not available: {why}"})
-                        for p in passes]
+                        for p in args.passes]
             continue
         block = factory(c, r, act, gate, reference)
-        for pass_name in passes:
+        for pass_name in args.passes:
             row = dict(base, **{"pass": pass_name, "contender": name, "status": "ok"})
+            results.append(row)
             try:
                 start = time.perf_counter()
                 run = pass_fn(block, pass_name, inputs, grad)
                 run()  # compiles torch.compile contenders and Triton kernels outside the timing
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                row["compile_s"] = round(time.perf_counter() - start, 2) if name.startswith("torch.compile") else ""
-                ms, p20, p80 = time_ms(run, device)
-                row.update(median_ms=ms, p20_ms=p20, p80_ms=p80)
-                row["floor_gbps"] = FLOOR_FACTOR[pass_name] * nbytes / (ms * 1e-3) / 1e9
-                row["copy_share"] = row["floor_gbps"] * 1e9 / copy_bw if copy_bw else ""
-                row["launches"] = kernel_launches(run, device) or ""
-                if pass_name == "forward+backward":
-                    row["peak_mem_mib"] = peak_memory_mib(run, device) or ""
+                if name.startswith("torch.compile"):
+                    row["compile_s"] = round(time.perf_counter() - start, 2)
+                    if not compiled_region_ran(run):
+                        row["status"] = "not compiled: Dynamo ran it eagerly (no Torch-Compiled Region)"
+                        continue
+                runs[(name, pass_name)] = run
             except Exception as err:  # noqa: BLE001 - a contender that fails is reported, the run goes on
                 row["status"] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
-            results.append(row)
-    for pass_name in passes:  # speedups within this configuration and pass
+    if device.type == "cuda":
+        times = {key: gpu_time_ms(run) for key, run in runs.items()}
+    else:
+        times = cpu_time_ms(runs, args.rounds, args.calls)
+    for row in results:
+        key = (row["contender"], row["pass"])
+        if key not in times:
+            continue
+        ms, p20, p80 = times[key]
+        row.update(median_ms=ms, p20_ms=p20, p80_ms=p80)
+        row["floor_gbps"] = FLOOR_FACTOR[row["pass"]] * nbytes / (ms * 1e-3) / 1e9
+        row["copy_share"] = row["floor_gbps"] * 1e9 / copy_bw
+        row["launches"] = kernel_launches(runs[key], device) or ""
+        if row["pass"] == "forward+backward":
+            row["peak_mem_mib"] = peak_memory_mib(runs[key], device) or ""
+    for pass_name in args.passes:  # speedups within this configuration and pass
         same = [row for row in results if row["pass"] == pass_name and row.get("median_ms")]
         eager = next((row for row in same if row["contender"] == "eager SEBlock"), None)
         compiled = [row["median_ms"] for row in same if row["contender"].startswith("torch.compile")]

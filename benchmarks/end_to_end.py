@@ -74,7 +74,7 @@ def main() -> None:
                         model.eval()(xb)
 
                 rows.append(dict(model=name, variant=label, task=f"inference b{batch}",
-                                 images_per_s=batch / (time_ms(infer, device, repeats)[0] / 1e3)))
+                                 images_per_s=batch / (time_ms(infer, device, calls=repeats)[0] / 1e3)))
             xt = torch.randn(train_batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
             target = torch.randint(0, 1000, (train_batch,), device=device)
             optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -90,7 +90,7 @@ def main() -> None:
                 scaler.update()
 
             rows.append(dict(model=name, variant=label, task=f"train step b{train_batch}",
-                             images_per_s=train_batch / (time_ms(train_step, device, repeats)[0] / 1e3)))
+                             images_per_s=train_batch / (time_ms(train_step, device, calls=repeats)[0] / 1e3)))
         for row in rows:
             if row["model"] == name:
                 row.update(se_modules_converted=converted, max_relative_output_diff=max_diff)

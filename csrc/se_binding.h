@@ -58,6 +58,12 @@ struct ForcedSchedule {
 };
 ForcedSchedule forced_schedule();
 
+// The instruction set the C++ CPU kernel runs with on this CPU, "DEFAULT", "AVX2" or "AVX512"
+// (cpu/se_cpu.cpp).
+namespace cpu {
+const char* kernel_isa();
+}
+
 // Called once at load time by cuda/se_cuda_ops.cpp when the CUDA kernels are linked in.
 void register_cuda_build(const char* arch_list);
 

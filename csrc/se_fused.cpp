@@ -331,7 +331,11 @@ PyObject* set_forced_schedule(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+PyObject* cpu_kernel_isa(PyObject*, PyObject*) { return PyUnicode_FromString(se_fused::cpu::kernel_isa()); }
+
 PyMethodDef methods[] = {
+    {"cpu_kernel_isa", cpu_kernel_isa, METH_NOARGS,
+     "The instruction set the C++ CPU kernel runs with here: DEFAULT, AVX2 or AVX512 (ATen's choice)."},
     {"set_poison_outputs", set_poison_outputs, METH_O, "NaN-fill every output buffer before the kernels write it."},
     {"set_forced_schedule", set_forced_schedule, METH_VARARGS,
      "set_forced_schedule(split, group_size, num_programs): -1 / 0 leave the CUDA schedule heuristics in charge."},

@@ -1,0 +1,447 @@
+// The CPU kernel proper (docs/DESIGN.md §10), compiled once per instruction set by
+// se_cpu_isa_*.cpp with CPU_CAPABILITY set (DEFAULT, AVX2, AVX512), so ATen's at::vec::Vectorized
+// gives each its own SIMD width from this one source. Include it only after the ATen headers (see
+// se_cpu_isa_avx2.cpp). Everything here lives in se_fused::cpu::CPU_CAPABILITY.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "se_cpu.h"
+
+namespace se_fused::cpu::CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+
+// Measured on a 2-core EPYC with 32 MB of L3 (docs/DESIGN.md §10): inputs up to kStreamBytes are
+// processed in one group and written with normal stores (everything stays in cache); larger ones
+// in groups of kGroupBytes, re-read from cache, and written with streaming stores.
+constexpr int64_t kStreamBytes = 8 << 20;
+constexpr int64_t kGroupBytes = 4 << 20;
+constexpr int64_t kGrain = 16384;         // elements a parallel task covers at least
+constexpr int64_t kTasks = 16;            // tasks a pass should offer, at least, to keep the threads busy
+
+template <typename T>
+using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// ----------------------------------------------------------------------------- vector steps
+// A step moves kStep<A> = 2 * Vectorized<A>::size() elements of T as two Vectorized<A> (a
+// Vectorized<T> of a half type converts to exactly two). A partial step (`count` < kStep) reads
+// zeros past `count` and writes only `count` elements, so rows of any length stay vectorised.
+
+template <typename A>
+constexpr int64_t kStep = 2 * Vectorized<A>::size();
+
+template <typename T, typename A>
+inline void load(const T* p, Vectorized<A>& v0, Vectorized<A>& v1, int64_t count = kStep<A>) {
+  constexpr int64_t V = Vectorized<A>::size();
+  if constexpr (std::is_same_v<T, A>) {
+    if (count >= 2 * V) {
+      v0 = Vectorized<A>::loadu(p), v1 = Vectorized<A>::loadu(p + V);
+    } else {
+      v0 = Vectorized<A>::loadu(p, std::min(count, V));
+      v1 = count > V ? Vectorized<A>::loadu(p + V, count - V) : Vectorized<A>(A(0));
+    }
+  } else {
+    std::tie(v0, v1) = at::vec::convert_to_float<T>(count >= 2 * V ? Vectorized<T>::loadu(p)
+                                                                     : Vectorized<T>::loadu(p, count));
+  }
+}
+
+template <typename T, typename A>
+inline void store(T* p, const Vectorized<A>& v0, const Vectorized<A>& v1, int64_t count = kStep<A>) {
+  constexpr int64_t V = Vectorized<A>::size();
+  if constexpr (std::is_same_v<T, A>) {
+    if (count >= 2 * V) {
+      v0.store(p), v1.store(p + V);
+    } else {
+      v0.store(p, std::min(count, V));
+      if (count > V) v1.store(p + V, count - V);
+    }
+  } else if (count >= 2 * V) {
+    at::vec::convert_from_float<T>(v0, v1).store(p);
+  } else {
+    at::vec::convert_from_float<T>(v0, v1).store(p, count);
+  }
+}
+
+// Streaming stores bypass the caches and skip the read-for-ownership a normal store makes of each
+// line: for outputs far larger than the cache. They need the vector width's alignment (rows start
+// with a partial step up to it: stream_head) and an sfence before other threads read the data.
+constexpr int64_t kStreamAlign = sizeof(Vectorized<float>);
+
+template <typename T, typename A>
+inline void store_streaming(T* p, const Vectorized<A>& v0, const Vectorized<A>& v1) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_stream_ps(p, v0), _mm512_stream_ps(p + Vectorized<A>::size(), v1);
+  } else if constexpr (std::is_same_v<T, double>) {
+    _mm512_stream_pd(p, v0), _mm512_stream_pd(p + Vectorized<A>::size(), v1);
+  } else {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), at::vec::convert_from_float<T>(v0, v1));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_stream_ps(p, v0), _mm256_stream_ps(p + Vectorized<A>::size(), v1);
+  } else if constexpr (std::is_same_v<T, double>) {
+    _mm256_stream_pd(p, v0), _mm256_stream_pd(p + Vectorized<A>::size(), v1);
+  } else {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), at::vec::convert_from_float<T>(v0, v1));
+  }
+#else
+  store(p, v0, v1);
+#endif
+}
+
+inline void fence_streaming_stores() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
+// Elements of a row starting at dst before the streaming alignment (0 when not streaming).
+template <bool STREAM, typename T>
+inline int64_t stream_head(const T* dst, int64_t n) {
+  if constexpr (!STREAM) {
+    return 0;
+  } else {
+    const int64_t misaligned = static_cast<int64_t>(reinterpret_cast<uintptr_t>(dst) % kStreamAlign);
+    return std::min(n, ((kStreamAlign - misaligned) % kStreamAlign) / static_cast<int64_t>(sizeof(T)));
+  }
+}
+
+template <bool STREAM, typename T, typename A>
+inline void store_step(T* p, const Vectorized<A>& v0, const Vectorized<A>& v1) {
+  if constexpr (STREAM) {
+    store_streaming(p, v0, v1);
+  } else {
+    store(p, v0, v1);
+  }
+}
+
+// Σ_i a[i] (· b[i] when PRODUCT) over a contiguous row, in a fixed order: 4 vector accumulators.
+template <bool PRODUCT, typename T, typename A>
+A row_sum(const T* a, const T* b, int64_t n) {
+  constexpr int64_t W = kStep<A>;
+  Vectorized<A> acc0(A(0)), acc1(A(0)), acc2(A(0)), acc3(A(0));
+  const auto step = [&](int64_t i, int64_t count, Vectorized<A>& s0, Vectorized<A>& s1) {
+    Vectorized<A> a0, a1;
+    load(a + i, a0, a1, count);
+    if constexpr (PRODUCT) {
+      Vectorized<A> b0, b1;
+      load(b + i, b0, b1, count);
+      a0 = a0 * b0, a1 = a1 * b1;
+    }
+    s0 = s0 + a0, s1 = s1 + a1;
+  };
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) step(i, W, acc0, acc1), step(i + W, W, acc2, acc3);
+  for (; i < n; i += W) step(i, std::min(W, n - i), acc0, acc1);
+  return at::vec::vec_reduce_all<A>([](Vectorized<A>& x, Vectorized<A>& y) { return x + y; },
+                                    (acc0 + acc1) + (acc2 + acc3));
+}
+
+// acc[j] += a[j] (· b[j]) for j < n: one channels_last position.
+template <bool PRODUCT, typename T, typename A>
+inline void add_columns(const T* a, const T* b, A* acc, int64_t n) {
+  constexpr int64_t W = kStep<A>;
+  for (int64_t j = 0; j < n; j += W) {
+    const int64_t count = std::min(W, n - j);
+    Vectorized<A> a0, a1, s0, s1;
+    load(a + j, a0, a1, count);
+    if constexpr (PRODUCT) {
+      Vectorized<A> b0, b1;
+      load(b + j, b0, b1, count);
+      a0 = a0 * b0, a1 = a1 * b1;
+    }
+    load(acc + j, s0, s1, count);
+    store(acc + j, s0 + a0, s1 + a1, count);
+  }
+}
+
+// dst[i] = src[i] * s (+ t) over a contiguous row.
+template <bool SHIFT, bool STREAM, typename T, typename A>
+void scale_row(const T* src, T* dst, int64_t n, A s, A t) {
+  constexpr int64_t W = kStep<A>;
+  const Vectorized<A> vs(s), vt(t);
+  const auto step = [&](int64_t i, int64_t count) {
+    Vectorized<A> v0, v1;
+    load(src + i, v0, v1, count);
+    v0 = v0 * vs, v1 = v1 * vs;
+    if constexpr (SHIFT) v0 = v0 + vt, v1 = v1 + vt;
+    if (count == W) {
+      store_step<STREAM>(dst + i, v0, v1);
+    } else {
+      store(dst + i, v0, v1, count);
+    }
+  };
+  const int64_t head = stream_head<STREAM>(dst, n);
+  if (head) step(0, head);
+  for (int64_t i = head; i < n; i += W) step(i, std::min(W, n - i));
+}
+
+// dst[j] = src[j] * s[j] (+ t[j]) over one channels_last position.
+template <bool SHIFT, bool STREAM, typename T, typename A>
+void scale_columns(const T* src, T* dst, const A* s, const A* t, int64_t n) {
+  constexpr int64_t W = kStep<A>;
+  const auto step = [&](int64_t j, int64_t count) {
+    Vectorized<A> v0, v1, s0, s1;
+    load(src + j, v0, v1, count);
+    load(s + j, s0, s1, count);
+    v0 = v0 * s0, v1 = v1 * s1;
+    if constexpr (SHIFT) {
+      Vectorized<A> t0, t1;
+      load(t + j, t0, t1, count);
+      v0 = v0 + t0, v1 = v1 + t1;
+    }
+    if (count == W) {
+      store_step<STREAM>(dst + j, v0, v1);
+    } else {
+      store(dst + j, v0, v1, count);
+    }
+  };
+  const int64_t head = stream_head<STREAM>(dst, n);
+  if (head) step(0, head);
+  for (int64_t j = head; j < n; j += W) step(j, std::min(W, n - j));
+}
+
+// ----------------------------------------------------------------------------- memory passes
+
+// How a pass over two (N, C, P) views walks them: rows of P contiguous positions (NCHW), rows of C
+// contiguous channels (channels_last), or element by element (any other strides, or two layouts).
+enum class Layout { kRows, kColumns, kStrided };
+
+Layout layout_of(const Strides3& a, const Strides3& b, int64_t C, int64_t P) {
+  const auto columns = [&](const Strides3& s) { return s.c == 1 && C > 1 && (s.p != 1 || P == 1); };
+  if (columns(a) && columns(b)) return Layout::kColumns;
+  if (!columns(a) && !columns(b) && a.p == 1 && b.p == 1) return Layout::kRows;
+  return Layout::kStrided;
+}
+
+// out[n * C + c] = Σ_p a[n, c, p] (· b[n, c, p]) for samples [n0, n1); each sum by one task, in order.
+template <bool PRODUCT, typename T, typename A>
+void channel_sums(int64_t n0, int64_t n1, int64_t C, int64_t P, const T* a, Strides3 sa, const T* b, Strides3 sb,
+                  A* out) {
+  const int64_t G = n1 - n0;
+  const Layout layout = layout_of(sa, sb, C, P);
+  if (layout == Layout::kColumns) {
+    // Each task sums a chunk of positions, reading whole contiguous position rows; the chunks'
+    // partial sums are then added in chunk order. Samples are cut into chunks only as far as it
+    // takes to give every thread work, and the cut does not depend on the thread count.
+    const int64_t per_sample = std::clamp<int64_t>((kTasks + G - 1) / G, 1, (P * C + kGrain - 1) / kGrain);
+    const int64_t chunk = (P + per_sample - 1) / per_sample, chunks = (P + chunk - 1) / chunk;
+    std::vector<A> partial(G * chunks * C);
+    at::parallel_for(0, G * chunks, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t n = n0 + i / chunks, p0 = (i % chunks) * chunk, p1 = std::min(P, p0 + chunk);
+        A* acc = partial.data() + i * C;
+        for (int64_t p = p0; p < p1; ++p) add_columns<PRODUCT>(a + n * sa.n + p * sa.p, b + n * sb.n + p * sb.p, acc, C);
+      }
+    });
+    at::parallel_for(0, G * C, kGrain, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t g = i / C, c = i % C;
+        A sum = 0;
+        for (int64_t k = 0; k < chunks; ++k) sum += partial[(g * chunks + k) * C + c];
+        out[(n0 + g) * C + c] = sum;
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, G * C, std::max<int64_t>(1, kGrain / P), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = n0 + i / C, c = i % C;
+      const T* pa = a + n * sa.n + c * sa.c;
+      const T* pb = b + n * sb.n + c * sb.c;
+      if (layout == Layout::kRows) {
+        out[n * C + c] = row_sum<PRODUCT, T, A>(pa, pb, P);
+        continue;
+      }
+      A sum = 0;
+      for (int64_t p = 0; p < P; ++p) {
+        sum += PRODUCT ? static_cast<A>(pa[p * sa.p]) * static_cast<A>(pb[p * sb.p]) : static_cast<A>(pa[p * sa.p]);
+      }
+      out[n * C + c] = sum;
+    }
+  });
+}
+
+// dst[n, c, p] = src[n, c, p] * s[n * C + c] (+ t[n * C + c]) for samples [n0, n1); streaming stores
+// when STREAM.
+template <bool SHIFT, bool STREAM, typename T, typename A>
+void scale_channels(int64_t n0, int64_t n1, int64_t C, int64_t P, const T* src, Strides3 ss, T* dst, Strides3 sd,
+                    const A* s, const A* t) {
+  const int64_t G = n1 - n0;
+  const Layout layout = layout_of(ss, sd, C, P);
+  if (layout == Layout::kColumns) {
+    at::parallel_for(0, G * P, std::max<int64_t>(1, kGrain / C), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t n = n0 + i / P, p = i % P;
+        scale_columns<SHIFT, STREAM>(src + n * ss.n + p * ss.p, dst + n * sd.n + p * sd.p, s + n * C,
+                                     SHIFT ? t + n * C : s, C);
+      }
+      if constexpr (STREAM) fence_streaming_stores();
+    });
+    return;
+  }
+  at::parallel_for(0, G * C, std::max<int64_t>(1, kGrain / P), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = n0 + i / C, c = i % C;
+      const A scale = s[n * C + c], shift = SHIFT ? t[n * C + c] : A(0);
+      const T* ps = src + n * ss.n + c * ss.c;
+      T* pd = dst + n * sd.n + c * sd.c;
+      if (layout == Layout::kRows) {
+        scale_row<SHIFT, STREAM>(ps, pd, P, scale, shift);
+        continue;
+      }
+      for (int64_t p = 0; p < P; ++p) pd[p * sd.p] = static_cast<T>(static_cast<A>(ps[p * ss.p]) * scale + shift);
+    }
+    if constexpr (STREAM) fence_streaming_stores();
+  });
+}
+
+// Calls body(std::bool_constant<b>{}) for a run-time bool b.
+template <typename Body>
+void with_bool(bool b, const Body& body) {
+  if (b) {
+    body(std::true_type{});
+  } else {
+    body(std::false_type{});
+  }
+}
+
+// Samples per group: all of them when the input (`tensors` of that size per pass) fits kStreamBytes,
+// else as many as fit kGroupBytes, with groups as even as that allows.
+int64_t group_size(int64_t N, int64_t C, int64_t P, int64_t element_size, int tensors) {
+  const int64_t sample = std::max<int64_t>(1, C * P * element_size * tensors);
+  if (N * sample <= kStreamBytes) return N;
+  const int64_t most = std::clamp<int64_t>(kGroupBytes / sample, 1, N);
+  const int64_t groups = (N + most - 1) / most;
+  return (N + groups - 1) / groups;
+}
+
+// ----------------------------------------------------------------------------- the MLP, through ATen
+
+// out = input · weightᵀ (+ bias): one GEMM for a group of samples.
+void affine_out(Tensor& out, const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias) {
+  if (bias) {
+    at::addmm_out(out, *bias, input, weight.t());
+  } else {
+    at::mm_out(out, input, weight.t());
+  }
+}
+
+// ATen's own activation kernels on the small (G, R) / (G, C) tensors: vectorised transcendentals and
+// exactly eager's NaN/Inf behaviour, forward and backward.
+Tensor activation(const Tensor& a, Act act) { return act == Act::kRelu ? at::relu(a) : at::silu(a); }
+
+void gate_out(Tensor& s, const Tensor& e, Gate gate) {
+  if (gate == Gate::kSigmoid) {
+    at::sigmoid_out(s, e);
+  } else {
+    at::hardsigmoid_out(s, e);
+  }
+}
+
+// ----------------------------------------------------------------------------- forward and backward
+
+template <typename T>
+void forward_typed(const ForwardCall& call, const Parameters& params) {
+  using A = Acc<T>;
+  const ForwardArgs& args = call.args;
+  const int64_t N = args.n, C = args.c, P = args.p;
+  const T* x = static_cast<const T*>(args.x);
+  T* y = static_cast<T*>(args.y);
+  A* z = call.z.data_ptr<A>();
+  Tensor s = at::empty_like(call.z);  // the scales gate(e)
+  const int64_t group = group_size(N, C, P, sizeof(T), 1);
+  const bool stream = N * C * P * static_cast<int64_t>(sizeof(T)) > kStreamBytes;
+  for (int64_t n0 = 0; n0 < N; n0 += group) {
+    const int64_t n1 = std::min(N, n0 + group), G = n1 - n0;
+    channel_sums<false, T, A>(n0, n1, C, P, x, args.x_strides, x, args.x_strides, z);
+    Tensor zg = call.z.narrow(0, n0, G), ag = call.a.narrow(0, n0, G), eg = call.e.narrow(0, n0, G);
+    Tensor sg = s.narrow(0, n0, G);
+    zg.div_(static_cast<double>(P));
+    affine_out(ag, zg, params.w1, params.b1);
+    affine_out(eg, activation(ag, args.act), params.w2, params.b2);
+    gate_out(sg, eg, args.gate);
+    with_bool(stream, [&](auto streaming) {
+      scale_channels<false, streaming.value, T, A>(n0, n1, C, P, x, args.x_strides, y, args.y_strides,
+                                                   s.data_ptr<A>(), nullptr);
+    });
+  }
+}
+
+template <typename T>
+void backward_typed(const BackwardCall& call, const Parameters& params, const Tensor& z, const Tensor& a,
+                    const Tensor& e) {
+  using A = Acc<T>;
+  const BackwardArgs& args = call.args;
+  const int64_t N = args.n, C = args.c, P = args.p;
+  const T* g = static_cast<const T*>(args.grad_y);
+  const T* x = static_cast<const T*>(args.x);
+  A* ds = call.de.data_ptr<A>();  // holds Σ g·x until the MLP backward turns it into de
+  Tensor s = at::empty_like(e), dh = at::empty_like(a);
+  const int64_t group = group_size(N, C, P, sizeof(T), 2);
+  const bool stream = N * C * P * static_cast<int64_t>(sizeof(T)) > kStreamBytes;
+  for (int64_t n0 = 0; n0 < N; n0 += group) {
+    const int64_t n1 = std::min(N, n0 + group), G = n1 - n0;
+    channel_sums<true, T, A>(n0, n1, C, P, g, args.g_strides, x, args.x_strides, ds);
+    Tensor deg = call.de.narrow(0, n0, G), dag = call.da.narrow(0, n0, G), dzg = call.dzp.narrow(0, n0, G);
+    Tensor eg = e.narrow(0, n0, G), ag = a.narrow(0, n0, G), sg = s.narrow(0, n0, G), dhg = dh.narrow(0, n0, G);
+    gate_out(sg, eg, args.gate);
+    if (args.gate == Gate::kSigmoid) {
+      at::sigmoid_backward_out(deg, deg, sg);
+    } else {
+      at::hardsigmoid_backward_out(deg, deg, eg);
+    }
+    at::mm_out(dhg, deg, params.w2);
+    if (args.act == Act::kRelu) {
+      at::threshold_backward_out(dag, dhg, ag, 0);
+    } else {
+      at::silu_backward_out(dag, dhg, ag);
+    }
+    at::mm_out(dzg, dag, params.w1);
+    dzg.div_(static_cast<double>(P));
+    if (args.dx) {
+      with_bool(stream, [&](auto streaming) {
+        scale_channels<true, streaming.value, T, A>(n0, n1, C, P, g, args.g_strides, static_cast<T*>(args.dx),
+                                                    args.dx_strides, s.data_ptr<A>(), call.dzp.data_ptr<A>());
+      });
+    }
+  }
+  if (!args.dw1) return;
+  // Summed over the batch by GEMMs in the compute dtype, then written in the parameters' dtype.
+  const int64_t R = args.r;
+  call.dw2.view({C, R}).copy_(at::mm(call.de.t(), activation(a, args.act)));
+  call.dw1.view({R, C}).copy_(at::mm(call.da.t(), z));
+  if (call.db1.numel()) call.db1.copy_(call.da.sum(0));
+  if (call.db2.numel()) call.db2.copy_(call.de.sum(0));
+}
+
+// Calls body(T{}) for x's dtype.
+template <typename Body>
+void dispatch_x(DType x, const Body& body) {
+  switch (x) {
+    case DType::kFloat: return body(float{});
+    case DType::kDouble: return body(double{});
+    case DType::kHalf: return body(c10::Half{});
+    case DType::kBFloat16: return body(c10::BFloat16{});
+  }
+}
+
+void forward(const ForwardCall& call, const Parameters& params) {
+  dispatch_x(call.args.x_dtype, [&](auto t) { forward_typed<decltype(t)>(call, params); });
+}
+
+void backward(const BackwardCall& call, const Parameters& params, const Tensor& z, const Tensor& a,
+              const Tensor& e) {
+  dispatch_x(call.args.x_dtype, [&](auto t) { backward_typed<decltype(t)>(call, params, z, a, e); });
+}
+
+}  // namespace se_fused::cpu::CPU_CAPABILITY

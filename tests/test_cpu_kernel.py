@@ -1,0 +1,55 @@
+"""The C++ CPU kernel is built once per instruction set (csrc/cpu/se_cpu_isa_*.cpp) and picks one at run
+time, as ATen does; every build must agree with the float64 oracle, whichever this CPU would pick."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from se_fused.ops import extension_available
+
+pytestmark = pytest.mark.skipif(not extension_available(), reason="needs the C++ kernel (CI builds it)")
+
+CHECK = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+import se_fused
+from se_reference import Case, check_against_reference
+print("ISA", se_fused.ops._C.cpu_kernel_isa())
+cases = [Case(3, 40, 9, 11, 6, "silu", "hard_sigmoid"), Case(2, 72, 7, 7, 24), Case(5, 1, 3, 1, 2, bias=False),
+         Case(2, 1152, 1, 1, 48, "silu"), Case(1, 33, 17, 5, 4, "relu", "hard_sigmoid")]
+with se_fused.poison_outputs():
+    for case in cases:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            for channels_last in (False, True):
+                check_against_reference(case, "cpp", torch.device("cpu"), dtype, channels_last=channels_last)
+print("OK")
+"""
+
+
+def _supported(capability: str) -> bool:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    needs = {"default": [], "avx2": ["avx2", "fma"], "avx512": ["avx512f", "avx512bw", "avx512vl", "avx512dq"]}
+    return all(f" {flag}" in flags for flag in needs[capability])
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+def test_every_instruction_set_build_matches_the_oracle(capability):
+    if not _supported(capability):
+        pytest.skip(f"this CPU has no {capability}")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    code = CHECK.format(tests=str(Path(__file__).parent))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert f"ISA {capability.upper()}" in out.stdout and "OK" in out.stdout, out.stdout
+
+
+def test_isa_is_reported():
+    from se_fused.ops import _C
+
+    assert _C.cpu_kernel_isa() in ("DEFAULT", "AVX2", "AVX512")
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert _C.cpu_kernel_isa() == torch.backends.cpu.get_cpu_capability()
