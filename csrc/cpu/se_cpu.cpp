@@ -28,7 +28,7 @@ ForwardResult forward_cpu(const Tensor& x, const Tensor& fc1_weight, const c10::
                           c10::string_view gate) {
   const ForwardCall call = forward_call(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate);
   if (call.args.n == 0) return call.result();
-  const Parameters params(fc1_weight, fc1_bias, fc2_weight, fc2_bias, call.z.scalar_type());
+  const Parameters params(fc1_weight, fc1_bias, fc2_weight, fc2_bias);
   switch (isa()) {
 #ifdef SE_FUSED_CPU_X86_VARIANTS
     case Isa::kAvx512: AVX512::forward(call, params); break;
@@ -46,7 +46,7 @@ BackwardResult backward_cpu(const Tensor& grad_y, const Tensor& x, const Tensor&
   const BackwardCall call = backward_call(grad_y, x, fc1_weight, fc2_weight, z, a, e, act, gate, has_fc1_bias,
                                           has_fc2_bias, need_dx, need_weight_grads);
   if (call.args.n == 0) return call.result();
-  const Parameters params(fc1_weight, c10::nullopt, fc2_weight, c10::nullopt, z.scalar_type());
+  const Parameters params(fc1_weight, c10::nullopt, fc2_weight, c10::nullopt);
   switch (isa()) {
 #ifdef SE_FUSED_CPU_X86_VARIANTS
     case Isa::kAvx512: AVX512::backward(call, params, z, a, e); break;

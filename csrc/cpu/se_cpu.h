@@ -14,18 +14,19 @@
 
 namespace se_fused::cpu {
 
-// The parameters as 2-D (R, C) / (C, R) tensors in the compute dtype (a copy only for mixed precision).
+// The parameters as contiguous 2-D (R, C) / (C, R) tensors in their own dtype (views of the module's
+// weights; the kernel converts on load).
 struct Parameters {
   Tensor w1, w2;
   c10::optional<Tensor> b1, b2;
 
   Parameters(const Tensor& fc1_weight, const c10::optional<Tensor>& fc1_bias, const Tensor& fc2_weight,
-             const c10::optional<Tensor>& fc2_bias, at::ScalarType compute) {
+             const c10::optional<Tensor>& fc2_bias) {
     const int64_t r = fc1_weight.size(0), c = fc1_weight.size(1);
-    w1 = fc1_weight.reshape({r, c}).to(compute);
-    w2 = fc2_weight.reshape({c, r}).to(compute);
-    if (fc1_bias) b1 = fc1_bias->to(compute);
-    if (fc2_bias) b2 = fc2_bias->to(compute);
+    w1 = fc1_weight.reshape({r, c}).contiguous();
+    w2 = fc2_weight.reshape({c, r}).contiguous();
+    if (fc1_bias) b1 = fc1_bias->contiguous();
+    if (fc2_bias) b2 = fc2_bias->contiguous();
   }
 };
 

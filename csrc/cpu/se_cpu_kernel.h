@@ -37,8 +37,18 @@ using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
 template <typename A>
 constexpr int64_t kStep = 2 * Vectorized<A>::size();
 
+// Forced inline: a step left as a call would make the compiler spill every vector accumulator of
+// the loop around it.
+#if defined(__GNUC__)
+#define SE_ALWAYS_INLINE inline __attribute__((always_inline))
+#define SE_ALWAYS_INLINE_LAMBDA __attribute__((always_inline))
+#else
+#define SE_ALWAYS_INLINE inline
+#define SE_ALWAYS_INLINE_LAMBDA
+#endif
+
 template <typename T, typename A>
-inline void load(const T* p, Vectorized<A>& v0, Vectorized<A>& v1, int64_t count = kStep<A>) {
+SE_ALWAYS_INLINE void load(const T* p, Vectorized<A>& v0, Vectorized<A>& v1, int64_t count = kStep<A>) {
   constexpr int64_t V = Vectorized<A>::size();
   if constexpr (std::is_same_v<T, A>) {
     if (count >= 2 * V) {
@@ -54,7 +64,7 @@ inline void load(const T* p, Vectorized<A>& v0, Vectorized<A>& v1, int64_t count
 }
 
 template <typename T, typename A>
-inline void store(T* p, const Vectorized<A>& v0, const Vectorized<A>& v1, int64_t count = kStep<A>) {
+SE_ALWAYS_INLINE void store(T* p, const Vectorized<A>& v0, const Vectorized<A>& v1, int64_t count = kStep<A>) {
   constexpr int64_t V = Vectorized<A>::size();
   if constexpr (std::is_same_v<T, A>) {
     if (count >= 2 * V) {
@@ -223,6 +233,17 @@ Layout layout_of(const Strides3& a, const Strides3& b, int64_t C, int64_t P) {
   return Layout::kStrided;
 }
 
+// Calls body(n, c) for the flat (sample, channel) indices [i0, i1) counted from sample n0, in order,
+// without a division per index (rows can be as short as 49 elements).
+template <typename Body>
+inline void for_rows(int64_t n0, int64_t C, int64_t i0, int64_t i1, const Body& body) {
+  int64_t n = n0 + i0 / C, c = i0 % C;
+  for (int64_t i = i0; i < i1; ++i) {
+    body(n, c);
+    if (++c == C) c = 0, ++n;
+  }
+}
+
 // out[n * C + c] = Σ_p a[n, c, p] (· b[n, c, p]) for samples [n0, n1); each sum by one task, in order.
 template <bool PRODUCT, typename T, typename A>
 void channel_sums(int64_t n0, int64_t n1, int64_t C, int64_t P, const T* a, Strides3 sa, const T* b, Strides3 sb,
@@ -244,30 +265,28 @@ void channel_sums(int64_t n0, int64_t n1, int64_t C, int64_t P, const T* a, Stri
       }
     });
     at::parallel_for(0, G * C, kGrain, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t g = i / C, c = i % C;
+      for_rows(0, C, i0, i1, [&](int64_t g, int64_t c) {
         A sum = 0;
         for (int64_t k = 0; k < chunks; ++k) sum += partial[(g * chunks + k) * C + c];
         out[(n0 + g) * C + c] = sum;
-      }
+      });
     });
     return;
   }
   at::parallel_for(0, G * C, std::max<int64_t>(1, kGrain / P), [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t n = n0 + i / C, c = i % C;
+    for_rows(n0, C, i0, i1, [&](int64_t n, int64_t c) {
       const T* pa = a + n * sa.n + c * sa.c;
       const T* pb = b + n * sb.n + c * sb.c;
       if (layout == Layout::kRows) {
         out[n * C + c] = row_sum<PRODUCT, T, A>(pa, pb, P);
-        continue;
+        return;
       }
       A sum = 0;
       for (int64_t p = 0; p < P; ++p) {
         sum += PRODUCT ? static_cast<A>(pa[p * sa.p]) * static_cast<A>(pb[p * sb.p]) : static_cast<A>(pa[p * sa.p]);
       }
       out[n * C + c] = sum;
-    }
+    });
   });
 }
 
@@ -280,27 +299,25 @@ void scale_channels(int64_t n0, int64_t n1, int64_t C, int64_t P, const T* src, 
   const Layout layout = layout_of(ss, sd, C, P);
   if (layout == Layout::kColumns) {
     at::parallel_for(0, G * P, std::max<int64_t>(1, kGrain / C), [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t n = n0 + i / P, p = i % P;
+      for_rows(n0, P, i0, i1, [&](int64_t n, int64_t p) {
         scale_columns<SHIFT, STREAM>(src + n * ss.n + p * ss.p, dst + n * sd.n + p * sd.p, s + n * C,
                                      SHIFT ? t + n * C : s, C);
-      }
+      });
       if constexpr (STREAM) fence_streaming_stores();
     });
     return;
   }
   at::parallel_for(0, G * C, std::max<int64_t>(1, kGrain / P), [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t n = n0 + i / C, c = i % C;
+    for_rows(n0, C, i0, i1, [&](int64_t n, int64_t c) {
       const A scale = s[n * C + c], shift = SHIFT ? t[n * C + c] : A(0);
       const T* ps = src + n * ss.n + c * ss.c;
       T* pd = dst + n * sd.n + c * sd.c;
       if (layout == Layout::kRows) {
         scale_row<SHIFT, STREAM>(ps, pd, P, scale, shift);
-        continue;
+        return;
       }
       for (int64_t p = 0; p < P; ++p) pd[p * sd.p] = static_cast<T>(static_cast<A>(ps[p * ss.p]) * scale + shift);
-    }
+    });
     if constexpr (STREAM) fence_streaming_stores();
   });
 }
@@ -325,15 +342,112 @@ int64_t group_size(int64_t N, int64_t C, int64_t P, int64_t element_size, int te
   return (N + groups - 1) / groups;
 }
 
-// ----------------------------------------------------------------------------- the MLP, through ATen
+// ----------------------------------------------------------------------------- the MLP's matrix products
+// A group holds few samples (M) and the weights are C x R: these products read each weight once,
+// converting it from the parameters' dtype as it is loaded (no per-call copies), keep a tile of
+// partial sums in registers, and sum in an order that does not depend on the thread count. At
+// M = 8, C = 2048, R = 128 ATen's GEMM (MKL) took ~120 us a layer, most of it packing.
 
-// out = input · weightᵀ (+ bias): one GEMM for a group of samples.
-void affine_out(Tensor& out, const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias) {
-  if (bias) {
-    at::addmm_out(out, *bias, input, weight.t());
-  } else {
-    at::mm_out(out, input, weight.t());
+constexpr int64_t kTileRows = 4;  // rows of a group a task carries through one pass over a weight
+
+template <typename A>
+inline A reduce_sum(const Vectorized<A>& v) {
+  return at::vec::vec_reduce_all<A>([](Vectorized<A>& x, Vectorized<A>& y) { return x + y; }, v);
+}
+
+// out[m0 + t, j] = bias + Σ_k in[m0 + t, k] · w[j, k] for t < ROWS (restrict: the accumulators stay
+// in registers).
+template <int64_t ROWS, typename W, typename A>
+inline void dot_tile(const A* __restrict in, int64_t K, const W* __restrict wj, A bias, A* __restrict out,
+                     int64_t out_stride) {
+  constexpr int64_t S = kStep<A>;
+  Vectorized<A> acc0[ROWS], acc1[ROWS];
+  for (int64_t t = 0; t < ROWS; ++t) acc0[t] = acc1[t] = Vectorized<A>(A(0));
+  const auto step = [&](int64_t k, int64_t count) SE_ALWAYS_INLINE_LAMBDA {
+    Vectorized<A> w0, w1;
+    load(wj + k, w0, w1, count);
+    for (int64_t t = 0; t < ROWS; ++t) {
+      Vectorized<A> x0, x1;
+      load(in + t * K + k, x0, x1, count);
+      acc0[t] = at::vec::fmadd(x0, w0, acc0[t]);
+      acc1[t] = at::vec::fmadd(x1, w1, acc1[t]);
+    }
+  };
+  int64_t k = 0;
+  for (; k + S <= K; k += S) step(k, S);
+  if (k < K) step(k, K - k);
+  for (int64_t t = 0; t < ROWS; ++t) out[t * out_stride] = bias + reduce_sum(acc0[t] + acc1[t]);
+}
+
+// out[m, j] = bias[j] + Σ_k in[m, k] · w[j, k]: a forward layer. in (M, K), w (J, K), out (M, J).
+template <typename W, typename A>
+void dot_rows(const A* in, int64_t M, int64_t K, const W* w, const W* bias, int64_t J, A* out) {
+  at::parallel_for(0, J, std::max<int64_t>(1, kGrain / (M * K)), [=](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const A b = bias ? static_cast<A>(bias[j]) : A(0);
+      int64_t m = 0;
+      for (; m + kTileRows <= M; m += kTileRows) dot_tile<kTileRows>(in + m * K, K, w + j * K, b, out + m * J + j, J);
+      for (; m < M; ++m) dot_tile<1>(in + m * K, K, w + j * K, b, out + m * J + j, J);
+    }
+  });
+}
+
+// out[m0 + t, j..j+count) = scale · Σ_c in[m0 + t, c] · w[c, j..j+count) for t < ROWS.
+template <int64_t ROWS, typename W, typename A>
+inline void axpy_tile(const A* __restrict in, int64_t Cin, const W* __restrict wj, int64_t J, int64_t count, A scale,
+                      A* __restrict out) {
+  Vectorized<A> acc0[ROWS], acc1[ROWS];
+  for (int64_t t = 0; t < ROWS; ++t) acc0[t] = acc1[t] = Vectorized<A>(A(0));
+  for (int64_t c = 0; c < Cin; ++c) {
+    Vectorized<A> w0, w1;
+    load(wj + c * J, w0, w1, count);
+    for (int64_t t = 0; t < ROWS; ++t) {
+      const Vectorized<A> x(in[t * Cin + c]);
+      acc0[t] = at::vec::fmadd(x, w0, acc0[t]);
+      acc1[t] = at::vec::fmadd(x, w1, acc1[t]);
+    }
   }
+  const Vectorized<A> vs(scale);
+  for (int64_t t = 0; t < ROWS; ++t) store(out + t * J, acc0[t] * vs, acc1[t] * vs, count);
+}
+
+// out[m, j] = scale · Σ_c in[m, c] · w[c, j]: a backward layer. in (M, Cin), w (Cin, J), out (M, J).
+template <typename W, typename A>
+void axpy_rows(const A* in, int64_t M, int64_t Cin, const W* w, int64_t J, A scale, A* out) {
+  constexpr int64_t S = kStep<A>;
+  const int64_t chunks = (J + S - 1) / S, tiles = (M + kTileRows - 1) / kTileRows;
+  at::parallel_for(0, chunks * tiles, std::max<int64_t>(1, kGrain / (Cin * S * kTileRows)), [=](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t j = (i % chunks) * S, m0 = (i / chunks) * kTileRows, count = std::min(S, J - j);
+      if (m0 + kTileRows <= M) {
+        axpy_tile<kTileRows>(in + m0 * Cin, Cin, w + j, J, count, scale, out + m0 * J + j);
+      } else {
+        for (int64_t m = m0; m < M; ++m) axpy_tile<1>(in + m * Cin, Cin, w + j, J, count, scale, out + m * J + j);
+      }
+    }
+  });
+}
+
+// out[i, j] = Σ_m u[m, i] · v[m, j], m ascending: a weight gradient summed over the batch, written
+// in the parameters' dtype. u (M, I), v (M, J), out (I, J).
+template <typename W, typename A>
+void outer_sums(const A* u, const A* v, int64_t M, int64_t I, int64_t J, W* out) {
+  constexpr int64_t S = kStep<A>;
+  at::parallel_for(0, I, std::max<int64_t>(1, kGrain / (M * J)), [=](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t j = 0; j < J; j += S) {
+        const int64_t count = std::min(S, J - j);
+        Vectorized<A> acc0(A(0)), acc1(A(0));
+        for (int64_t m = 0; m < M; ++m) {
+          const Vectorized<A> x(u[m * I + i]);
+          Vectorized<A> v0, v1;
+          load(v + m * J + j, v0, v1, count);
+          acc0 = at::vec::fmadd(x, v0, acc0), acc1 = at::vec::fmadd(x, v1, acc1);
+        }
+        store(out + i * J + j, acc0, acc1, count);
+      }
+    }
+  });
 }
 
 // ATen's own activation kernels on the small (G, R) / (G, C) tensors: vectorised transcendentals and
@@ -348,16 +462,23 @@ void gate_out(Tensor& s, const Tensor& e, Gate gate) {
   }
 }
 
+template <typename W>
+const W* optional_data(const c10::optional<Tensor>& t) {
+  return t ? t->data_ptr<W>() : nullptr;
+}
+
 // ----------------------------------------------------------------------------- forward and backward
 
-template <typename T>
+template <typename T, typename W>
 void forward_typed(const ForwardCall& call, const Parameters& params) {
   using A = Acc<T>;
   const ForwardArgs& args = call.args;
-  const int64_t N = args.n, C = args.c, P = args.p;
+  const int64_t N = args.n, C = args.c, R = args.r, P = args.p;
   const T* x = static_cast<const T*>(args.x);
   T* y = static_cast<T*>(args.y);
   A* z = call.z.data_ptr<A>();
+  A* a = call.a.data_ptr<A>();
+  A* e = call.e.data_ptr<A>();
   Tensor s = at::empty_like(call.z);  // the scales gate(e)
   const int64_t group = group_size(N, C, P, sizeof(T), 1);
   const bool stream = N * C * P * static_cast<int64_t>(sizeof(T)) > kStreamBytes;
@@ -367,8 +488,9 @@ void forward_typed(const ForwardCall& call, const Parameters& params) {
     Tensor zg = call.z.narrow(0, n0, G), ag = call.a.narrow(0, n0, G), eg = call.e.narrow(0, n0, G);
     Tensor sg = s.narrow(0, n0, G);
     zg.div_(static_cast<double>(P));
-    affine_out(ag, zg, params.w1, params.b1);
-    affine_out(eg, activation(ag, args.act), params.w2, params.b2);
+    dot_rows<W, A>(z + n0 * C, G, C, params.w1.data_ptr<W>(), optional_data<W>(params.b1), R, a + n0 * R);
+    const Tensor hg = activation(ag, args.act);
+    dot_rows<W, A>(hg.data_ptr<A>(), G, R, params.w2.data_ptr<W>(), optional_data<W>(params.b2), C, e + n0 * C);
     gate_out(sg, eg, args.gate);
     with_bool(stream, [&](auto streaming) {
       scale_channels<false, streaming.value, T, A>(n0, n1, C, P, x, args.x_strides, y, args.y_strides,
@@ -377,22 +499,24 @@ void forward_typed(const ForwardCall& call, const Parameters& params) {
   }
 }
 
-template <typename T>
+template <typename T, typename W>
 void backward_typed(const BackwardCall& call, const Parameters& params, const Tensor& z, const Tensor& a,
                     const Tensor& e) {
   using A = Acc<T>;
   const BackwardArgs& args = call.args;
-  const int64_t N = args.n, C = args.c, P = args.p;
+  const int64_t N = args.n, C = args.c, R = args.r, P = args.p;
   const T* g = static_cast<const T*>(args.grad_y);
   const T* x = static_cast<const T*>(args.x);
-  A* ds = call.de.data_ptr<A>();  // holds Σ g·x until the MLP backward turns it into de
+  A* de = call.de.data_ptr<A>();  // holds Σ g·x until the MLP backward turns it into de
+  A* da = call.da.data_ptr<A>();
+  A* dzp = call.dzp.data_ptr<A>();
   Tensor s = at::empty_like(e), dh = at::empty_like(a);
   const int64_t group = group_size(N, C, P, sizeof(T), 2);
   const bool stream = N * C * P * static_cast<int64_t>(sizeof(T)) > kStreamBytes;
   for (int64_t n0 = 0; n0 < N; n0 += group) {
     const int64_t n1 = std::min(N, n0 + group), G = n1 - n0;
-    channel_sums<true, T, A>(n0, n1, C, P, g, args.g_strides, x, args.x_strides, ds);
-    Tensor deg = call.de.narrow(0, n0, G), dag = call.da.narrow(0, n0, G), dzg = call.dzp.narrow(0, n0, G);
+    channel_sums<true, T, A>(n0, n1, C, P, g, args.g_strides, x, args.x_strides, de);
+    Tensor deg = call.de.narrow(0, n0, G), dag = call.da.narrow(0, n0, G);
     Tensor eg = e.narrow(0, n0, G), ag = a.narrow(0, n0, G), sg = s.narrow(0, n0, G), dhg = dh.narrow(0, n0, G);
     gate_out(sg, eg, args.gate);
     if (args.gate == Gate::kSigmoid) {
@@ -400,48 +524,47 @@ void backward_typed(const BackwardCall& call, const Parameters& params, const Te
     } else {
       at::hardsigmoid_backward_out(deg, deg, eg);
     }
-    at::mm_out(dhg, deg, params.w2);
+    axpy_rows<W, A>(de + n0 * C, G, C, params.w2.data_ptr<W>(), R, A(1), dh.data_ptr<A>() + n0 * R);
     if (args.act == Act::kRelu) {
       at::threshold_backward_out(dag, dhg, ag, 0);
     } else {
       at::silu_backward_out(dag, dhg, ag);
     }
-    at::mm_out(dzg, dag, params.w1);
-    dzg.div_(static_cast<double>(P));
+    axpy_rows<W, A>(da + n0 * R, G, R, params.w1.data_ptr<W>(), C, A(1) / static_cast<A>(P), dzp + n0 * C);
     if (args.dx) {
       with_bool(stream, [&](auto streaming) {
         scale_channels<true, streaming.value, T, A>(n0, n1, C, P, g, args.g_strides, static_cast<T*>(args.dx),
-                                                    args.dx_strides, s.data_ptr<A>(), call.dzp.data_ptr<A>());
+                                                    args.dx_strides, s.data_ptr<A>(), dzp);
       });
     }
   }
   if (!args.dw1) return;
-  // Summed over the batch by GEMMs in the compute dtype, then written in the parameters' dtype.
-  const int64_t R = args.r;
-  call.dw2.view({C, R}).copy_(at::mm(call.de.t(), activation(a, args.act)));
-  call.dw1.view({R, C}).copy_(at::mm(call.da.t(), z));
+  const Tensor h = activation(a, args.act);
+  outer_sums<W, A>(de, h.data_ptr<A>(), N, C, R, static_cast<W*>(args.dw2));
+  outer_sums<W, A>(da, z.data_ptr<A>(), N, R, C, static_cast<W*>(args.dw1));
   if (call.db1.numel()) call.db1.copy_(call.da.sum(0));
   if (call.db2.numel()) call.db2.copy_(call.de.sum(0));
 }
 
-// Calls body(T{}) for x's dtype.
-template <typename Body>
-void dispatch_x(DType x, const Body& body) {
-  switch (x) {
-    case DType::kFloat: return body(float{});
-    case DType::kDouble: return body(double{});
-    case DType::kHalf: return body(c10::Half{});
-    case DType::kBFloat16: return body(c10::BFloat16{});
-  }
+// Calls body(T{}, W{}) for the (x dtype, parameter dtype) pairs the binding admits.
+template <typename Args, typename Body>
+void dispatch_types(const Args& args, const Body& body) {
+  using c10::BFloat16;
+  using c10::Half;
+  const DType x = args.x_dtype, p = args.param_dtype;
+  if (x == DType::kFloat) return body(float{}, float{});
+  if (x == DType::kDouble) return body(double{}, double{});
+  if (x == DType::kHalf) return p == DType::kHalf ? body(Half{}, Half{}) : body(Half{}, float{});
+  if (x == DType::kBFloat16) return p == DType::kBFloat16 ? body(BFloat16{}, BFloat16{}) : body(BFloat16{}, float{});
 }
 
 void forward(const ForwardCall& call, const Parameters& params) {
-  dispatch_x(call.args.x_dtype, [&](auto t) { forward_typed<decltype(t)>(call, params); });
+  dispatch_types(call.args, [&](auto t, auto w) { forward_typed<decltype(t), decltype(w)>(call, params); });
 }
 
 void backward(const BackwardCall& call, const Parameters& params, const Tensor& z, const Tensor& a,
               const Tensor& e) {
-  dispatch_x(call.args.x_dtype, [&](auto t) { backward_typed<decltype(t)>(call, params, z, a, e); });
+  dispatch_types(call.args, [&](auto t, auto w) { backward_typed<decltype(t), decltype(w)>(call, params, z, a, e); });
 }
 
 }  // namespace se_fused::cpu::CPU_CAPABILITY
