@@ -30,11 +30,41 @@ def test_microbenchmark_quick_mode(tmp_path):
 
 
 def test_end_to_end_quick_mode(tmp_path):
-    _run("end_to_end.py", "--quick", "--out", str(tmp_path), "--models", "mobilenetv3_large_100")
+    _run("end_to_end.py", "--quick", "--no-compile", "--out", str(tmp_path), "--models", "mobilenetv3_large_100",
+         "--layouts", "channels_last", "nchw")
     rows = list(csv.DictReader(open(tmp_path / "e2e.csv")))
-    assert {r["variant"] for r in rows} == {"before", "after"}
+    assert {r["variant"] for r in rows} == {"eager", "FusedSE"}
+    assert {r["layout"] for r in rows} == {"channels_last", "nchw"}
+    assert all(r["status"] == "ok" and float(r["ms"]) > 0 for r in rows)
     assert all(int(r["se_modules_converted"]) == 8 and float(r["max_relative_output_diff"]) < 1e-4 for r in rows)
     assert "train step b2" in (tmp_path / "e2e.md").read_text()
+
+
+def test_end_to_end_compiled_variants_really_compile(tmp_path):
+    """The whole model under torch.compile, with timm's SE modules and with FusedSE: both rows timed,
+    and only if they compiled."""
+    _run("end_to_end.py", "--quick", "--no-train", "--batches", "1", "--out", str(tmp_path), "--models",
+         "mobilenetv3_large_100")
+    rows = {r["variant"]: r for r in csv.DictReader(open(tmp_path / "e2e.csv"))}
+    assert set(rows) == {"eager", "FusedSE", "compile", "compile+FusedSE"}
+    for variant in ("compile", "compile+FusedSE"):
+        assert rows[variant]["status"] == "ok" and float(rows[variant]["ms"]) > 0, rows[variant]
+
+
+def test_compile_fallback_is_reported_not_timed():
+    """A compiled contender that Dynamo runs eagerly must not pass for compiled code (bench_se.py and
+    end_to_end.py both use this check)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_se import compiled_region_ran
+
+    import torch
+
+    block = torch.compile(torch.nn.Linear(4, 4))
+    x = torch.randn(2, 4)
+    block(x)
+    assert compiled_region_ran(lambda: block(x))
+    with torch.compiler.set_stance("force_eager"):
+        assert not compiled_region_ran(lambda: block(x))
 
 
 def test_gpu_check_dry_run(tmp_path):
@@ -45,6 +75,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     summary = (tmp_path / "summary.txt").read_text()
     assert "FAIL" not in summary, summary
-    assert summary.count(" ok ") == 4, summary
+    assert summary.count(" ok ") == 5, summary
+    assert "Host time per call" in summary, summary
     assert {p.name for p in tmp_path.iterdir()} == {"summary.txt", "build.log", "sanitizer.log", "bench.csv",
                                                      "bench.md", "bench.png", "e2e.md"}

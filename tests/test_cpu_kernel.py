@@ -1,5 +1,6 @@
-"""The C++ CPU kernel is built once per instruction set (csrc/cpu/se_cpu_isa_*.cpp) and picks one at run
-time, as ATen does; every build must agree with the float64 oracle, whichever this CPU would pick."""
+"""The C++ CPU kernel: built once per instruction set (csrc/cpu/se_cpu_isa_*.cpp) and picked at run time as
+ATen does, every build must agree with the float64 oracle whichever this CPU would pick; and its results do
+not depend on the number of threads."""
 
 import os
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import se_fused
 from se_fused.ops import extension_available
 
 pytestmark = pytest.mark.skipif(not extension_available(), reason="needs the C++ kernel (CI builds it)")
@@ -53,3 +55,30 @@ def test_isa_is_reported():
     assert _C.cpu_kernel_isa() in ("DEFAULT", "AVX2", "AVX512")
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         assert _C.cpu_kernel_isa() == torch.backends.cpu.get_cpu_capability()
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(8, 256, 20, 20, 16), (5, 2048, 7, 7, 128), (3, 72, 1, 1, 24)], ids=str)
+def test_same_bits_for_any_number_of_threads(shape, channels_last):
+    """Every sum runs in an order that does not depend on the thread count (docs/DESIGN.md §10)."""
+    n, c, h, w, r = shape
+    torch.manual_seed(0)
+    block = se_fused.FusedSE(c, rd_channels=r, act="silu", backend="cpp")
+    x = torch.randn(n, c, h, w)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    g = torch.randn_like(x)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            xr = x.clone().requires_grad_()
+            y = block(xr)
+            grads = torch.autograd.grad(y, [xr, *block.parameters()], g)
+            results.append([y, *grads])
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
