@@ -109,7 +109,7 @@ def main() -> None:
     lines = [f"# Host time per call (µs)\n\n{header}\n",
              "| contender | " + " | ".join(PASSES) + " |", "| --- |" + " ---: |" * len(PASSES)]
     for row in rows:
-        cells = [f"{row[p]:.1f} ({eager[p] / row[p]:.2f}x less than eager)" if row is not eager else f"{row[p]:.1f}"
+        cells = [f"{row[p]:.1f} ({row[p] / eager[p]:.2f}x eager's)" if row is not eager else f"{row[p]:.1f}"
                  for p in PASSES]
         lines.append(f"| {row['contender']} | " + " | ".join(cells) + " |")
     (out / "host.md").write_text("\n".join(lines) + "\n")

@@ -98,3 +98,24 @@ def test_help_documents_the_constructor_and_forward():
     for word in ("channels", "reduction", "rd_channels", "bias", "act", "gate", "backend", "channels_last",
                  "bfloat16"):
         assert word in doc, word
+
+
+def test_without_triton_the_other_backends_work_and_triton_is_a_clear_error():
+    """Platforms without Triton (macOS, Windows, aarch64 wheels): import, auto, cpp and torch still work."""
+    out = _python("""
+        import sys
+        sys.modules["triton"] = None  # what an absent package looks like to `import triton`
+        import torch, se_fused
+        x = torch.randn(2, 8, 3, 3, requires_grad=True)
+        for backend in ("auto", "torch") + (("cpp",) if se_fused.ops.extension_available() else ()):
+            y = se_fused.FusedSE(8, rd_channels=2, backend=backend)(x)
+            y.sum().backward()
+            print("OK", backend)
+        try:
+            se_fused.FusedSE(8, rd_channels=2, backend="triton")(x)
+        except RuntimeError as err:
+            print("RAISED:", err)
+    """, env=_without_interpreter())
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "OK auto" in out.stdout and "OK torch" in out.stdout, out.stdout
+    assert "RAISED: backend='triton' needs Triton, which did not import" in out.stdout, out.stdout
