@@ -34,31 +34,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import se_fused  # noqa: E402
+from se_fused.debug import randomize_batch_norms  # noqa: E402
 from bench_se import compiled_region_ran, cpu_time_ms, gpu_time_ms  # noqa: E402  (this folder is on sys.path)
 
 MODELS = ["seresnet50", "efficientnet_b0", "mobilenetv3_large_100"]
 VARIANTS = ["eager", "FusedSE", "compile", "compile+FusedSE"]
 
 
-def randomise_norms(model: torch.nn.Module) -> None:
-    """timm zero-initialises the last norm of residual blocks, which would hide the SE path from the
-    output comparison; give every BatchNorm random but tame affine weights and statistics instead."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                for t, low, high in ((m.weight, 0.5, 1.5), (m.bias, -0.1, 0.1), (m.running_mean, -0.1, 0.1),
-                                     (m.running_var, 0.5, 1.5)):
-                    t.copy_(torch.empty(t.shape).uniform_(low, high, generator=gen))
-
-
-def build(name: str, device: torch.device, memory_format: torch.memory_format, compile_models: bool):
+def build(name: str, device: torch.device, memory_format: torch.memory_format, size: int, compile_models: bool):
     """{variant: model} and how many SE modules were converted."""
     import timm
 
     torch.manual_seed(0)
     eager = timm.create_model(name, pretrained=False).to(device).to(memory_format=memory_format)
-    randomise_norms(eager)
+    randomize_batch_norms(eager, calibrate_with=torch.randn(2, 3, size, size, device=device))
     fused = copy.deepcopy(eager)
     converted = se_fused.convert_se_modules(fused)
     models = {"eager": eager, "FusedSE": fused}
@@ -100,7 +89,7 @@ def main() -> None:
         for layout in args.layouts:
             memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
             torch._dynamo.reset()
-            models, converted = build(name, device, memory_format, not args.no_compile)
+            models, converted = build(name, device, memory_format, size, not args.no_compile)
             x = torch.randn(2, 3, size, size, device=device).to(memory_format=memory_format)
             with torch.no_grad():
                 reference = models["eager"].eval()(x)

@@ -1,6 +1,7 @@
 """Instruments for tests and profiling: a count of the package's own kernel launches,
 NaN-poisoned output buffers (so an element a kernel forgot to write cannot pass for a
-correct one), and one switch that forces the schedule of both kernel families."""
+correct one), one switch that forces the schedule of both kernel families, and BatchNorm
+weights that let a whole model's output show what its SE modules do."""
 
 from __future__ import annotations
 
@@ -111,3 +112,32 @@ def _apply_native_schedule() -> None:
         split = _forced.get("split")
         native.set_forced_schedule(-1 if split is None else int(split), _forced.get("group_size", 0),
                                    _forced.get("num_programs", 0))
+
+
+def randomize_batch_norms(model: torch.nn.Module, seed: int = 1, calibrate_with: torch.Tensor | None = None) -> None:
+    """Give every BatchNorm of `model` random but tame affine weights and running statistics.
+
+    timm zero-initialises the last norm of each residual block, which hides the SE path from the
+    model's output; comparing a converted model with its original is only a test of the SE modules
+    after this. With `calibrate_with` (a batch of inputs), the running statistics are those of the
+    activations that batch produces instead: activations then stay near unit scale through deep
+    random networks, which otherwise grow block by block until float32 rounding differences are
+    amplified beyond comparison.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        for m in norms:
+            for t, low, high in ((m.weight, 0.5, 1.5), (m.bias, -0.1, 0.1), (m.running_mean, -0.1, 0.1),
+                                 (m.running_var, 0.5, 1.5)):
+                if t is not None:
+                    t.copy_(torch.empty(t.shape).uniform_(low, high, generator=gen))
+        if calibrate_with is not None:
+            momenta, training = [m.momentum for m in norms], model.training
+            for m in norms:
+                m.reset_running_stats()
+                m.momentum = None  # a cumulative average: the statistics of exactly this batch
+            model.train()(calibrate_with)
+            for m, momentum in zip(norms, momenta):
+                m.momentum = momentum
+            model.train(training)

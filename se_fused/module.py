@@ -57,7 +57,8 @@ class FusedSE(SEBlock):
     def from_module(cls, module: nn.Module, backend: str = "auto") -> "FusedSE":
         """A FusedSE computing what `module` computes, with a copy of its weights, on its device and dtype.
 
-        Accepts ``SEBlock``, timm's ``SEModule`` (SE-ResNet, RegNetY) and ``SqueezeExcite``
+        Accepts ``SEBlock``, timm's ``SEModule`` (SE-ResNet(X), SENet-154, RegNetY; and the one of
+        ``timm.models.senet``, in the ``legacy_*`` SENets) and ``SqueezeExcite``
         (EfficientNet, MobileNetV3), and torchvision's ``SqueezeExcitation``; raises ValueError
         saying why for anything else, or for features FusedSE lacks (``add_maxpool``, a norm
         between fc1 and the activation, other activations or gates, fcs that are not plain 1×1
@@ -117,9 +118,11 @@ def _se_parts(module: nn.Module):
         if not isinstance(getattr(module, "bn", None), nn.Identity):
             raise ValueError("cannot convert SEModule: a norm layer between fc1 and the activation is not supported")
         return module.fc1, module.fc2, module.act, module.gate
+    if name == "SEModule" and hasattr(module, "sigmoid"):  # timm.models.senet (legacy_seresnet*, legacy_senet154)
+        return module.fc1, module.fc2, module.relu, module.sigmoid
     if name == "SqueezeExcite" and hasattr(module, "conv_reduce"):  # timm EfficientNet / MobileNetV3
         return module.conv_reduce, module.conv_expand, module.act1, module.gate
     if name == "SqueezeExcitation" and hasattr(module, "scale_activation"):  # torchvision
         return module.fc1, module.fc2, module.activation, module.scale_activation
-    raise ValueError(f"cannot convert {name}: not a recognised SE module (SEBlock, timm SEModule or "
-                     "SqueezeExcite, torchvision SqueezeExcitation)")
+    raise ValueError(f"cannot convert {name}: not a recognised SE module (SEBlock, timm SEModule (either "
+                     "kind) or SqueezeExcite, torchvision SqueezeExcitation)")

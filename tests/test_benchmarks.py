@@ -79,3 +79,17 @@ def test_gpu_check_dry_run(tmp_path):
     assert "Host time per call" in summary, summary
     assert {p.name for p in tmp_path.iterdir()} == {"summary.txt", "build.log", "sanitizer.log", "bench.csv",
                                                      "bench.md", "bench.png", "e2e.md"}
+
+
+def test_senet_costs_quick_mode(tmp_path):
+    _run("senet_costs.py", "--device", "cpu", "--quick", "--out", str(tmp_path), "--models", "se_inception_v3",
+         "--no-ratios")
+    rows = list(csv.DictReader(open(tmp_path / "senet.csv")))
+    assert [(r["network"], r["base"], r["se_modules"]) for r in rows] == [("se_inception_v3", "inception_v3", "11")]
+    row = rows[0]
+    assert int(row["params_se"]) > int(row["params_base"])
+    assert float(row["fused_output_error"]) <= 2 * float(row["eager_output_error"]) + 1e-6
+    for task in ("train step", "inference"):
+        assert all(float(row[f"{task} {v} ms"]) > 0 for v in ("base", "SE eager", "SE fused"))
+    assert "+10.0%" in (tmp_path / "senet.md").read_text()  # the paper's training overhead, side by side
+    assert (tmp_path / "senet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
