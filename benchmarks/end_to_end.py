@@ -6,10 +6,12 @@
         --layouts channels_last nchw --no-train --out bench_cpu       # the CPU inference table
 
 Builds each timm model with random weights (no downloads; BatchNorm weights randomised so every SE
-module shapes the output) and times four variants of it in one process:
+module shapes the output) and times these variants of it in one process:
 
     eager            the model as timm builds it
     FusedSE          convert_se_modules(model): every SE module swapped for FusedSE
+    FusedSE+tail     convert_se_modules(model, fuse_residual=True): SE-ResNet(X) blocks compute
+                     relu(se(x) + shortcut) in the SE's pass (models that have such blocks)
     compile          torch.compile(model)
     compile+FusedSE  torch.compile of the converted model
 
@@ -38,7 +40,8 @@ from se_fused.debug import randomize_batch_norms  # noqa: E402
 from bench_se import compiled_region_ran, cpu_time_ms, gpu_time_ms  # noqa: E402  (this folder is on sys.path)
 
 MODELS = ["seresnet50", "efficientnet_b0", "mobilenetv3_large_100"]
-VARIANTS = ["eager", "FusedSE", "compile", "compile+FusedSE"]
+OTHER_MODELS = ["seresnext50_32x4d"]
+COMPILED_FROM = {"compile": "eager", "compile+FusedSE": "FusedSE"}
 
 
 def build(name: str, device: torch.device, memory_format: torch.memory_format, size: int, compile_models: bool):
@@ -51,6 +54,9 @@ def build(name: str, device: torch.device, memory_format: torch.memory_format, s
     fused = copy.deepcopy(eager)
     converted = se_fused.convert_se_modules(fused)
     models = {"eager": eager, "FusedSE": fused}
+    tail = copy.deepcopy(fused)
+    if se_fused.convert.fuse_residual_tails(tail):
+        models["FusedSE+tail"] = tail
     if compile_models:
         models["compile"] = torch.compile(eager)
         models["compile+FusedSE"] = torch.compile(fused)
@@ -61,7 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench_out")
     parser.add_argument("--quick", action="store_true", help="64x64 images, batches 1 and 2, few repeats")
-    parser.add_argument("--models", nargs="*", default=MODELS, choices=MODELS)
+    parser.add_argument("--models", nargs="*", default=MODELS, choices=MODELS + OTHER_MODELS)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batches", nargs="*", type=int, help="inference batches (default: 1 and 64 on a GPU, 1 and 8 "
                                                                  "on the CPU)")
@@ -93,7 +99,8 @@ def main() -> None:
             x = torch.randn(2, 3, size, size, device=device).to(memory_format=memory_format)
             with torch.no_grad():
                 reference = models["eager"].eval()(x)
-                max_diff = ((models["FusedSE"].eval()(x) - reference).abs().max() / reference.abs().max()).item()
+                diffs = {variant: ((models[variant].eval()(x) - reference).abs().max() / reference.abs().max()).item()
+                         for variant in models if not variant.startswith("compile")}
             runs, tasks = {}, {}
             for batch in batches:
                 xb = torch.randn(batch, 3, size, size, device=device).to(memory_format=memory_format)
@@ -138,7 +145,8 @@ def main() -> None:
                 for variant in models:
                     key = (variant, task)
                     row = dict(model=name, layout=layout, task=task, variant=variant, status=status.get(key, "ok"),
-                               se_modules_converted=converted, max_relative_output_diff=max_diff)
+                               se_modules_converted=converted,
+                               max_relative_output_diff=diffs[COMPILED_FROM.get(variant, variant)])
                     if key in times:
                         ms = times[key][0]
                         row.update(ms=ms, images_per_s=batch / (ms / 1e3),

@@ -14,14 +14,14 @@ namespace se_fused {
 using at::Tensor;
 
 using ForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor>;               // y, z, a, e
-using BackwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;      // dx, dw1, db1, dw2, db2
+using BackwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;  // dx, dw1, db1, dw2, db2, d_residual
 
 // One forward call: x as the kernels read it (a copy if its H and W did not flatten into one axis),
 // the outputs, allocated with x's strides (NaN-filled under poisoning), and the struct the kernels
 // read. Every argument is checked before anything is allocated. Weights may be (R, C) or
 // (R, C, 1, 1); messages match se_fused/spec.py.
 struct ForwardCall {
-  Tensor x;
+  Tensor x, residual;
   Tensor y, z, a, e;
   ForwardArgs args;
   ForwardResult result() const { return {y, z, a, e}; }
@@ -29,23 +29,24 @@ struct ForwardCall {
 
 ForwardCall forward_call(const Tensor& x, const Tensor& fc1_weight, const c10::optional<Tensor>& fc1_bias,
                          const Tensor& fc2_weight, const c10::optional<Tensor>& fc2_bias, c10::string_view act,
-                         c10::string_view gate);
+                         c10::string_view gate, const c10::optional<Tensor>& residual, c10::string_view out_act);
 
 // One backward call: x and grad_y as the kernels read them, outputs (empty where not needed; weight
 // gradients in the weights' shapes), scratch vectors de, da, dz/P and the kernel struct. For an
 // empty batch the weight gradients are already zero and no kernel must run.
 struct BackwardCall {
-  Tensor x, g;
-  Tensor dx, dw1, db1, dw2, db2;
+  Tensor x, g, y, residual;
+  Tensor dx, dw1, db1, dw2, db2, d_residual;
   Tensor de, da, dzp;
   BackwardArgs args;
-  BackwardResult result() const { return {dx, dw1, db1, dw2, db2}; }
+  BackwardResult result() const { return {dx, dw1, db1, dw2, db2, d_residual}; }
 };
 
 BackwardCall backward_call(const Tensor& grad_y, const Tensor& x, const Tensor& fc1_weight, const Tensor& fc2_weight,
                            const Tensor& z, const Tensor& a, const Tensor& e, c10::string_view act,
                            c10::string_view gate, bool has_fc1_bias, bool has_fc2_bias, bool need_dx,
-                           bool need_weight_grads);
+                           bool need_weight_grads, const c10::optional<Tensor>& y,
+                           const c10::optional<Tensor>& residual, c10::string_view out_act, bool need_residual_grad);
 
 at::ScalarType compute_dtype(const Tensor& x);
 

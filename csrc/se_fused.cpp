@@ -79,6 +79,13 @@ Gate parse_gate(c10::string_view gate) {
   TORCH_CHECK_VALUE(false, "gate must be one of 'sigmoid', 'hard_sigmoid', got '", std::string(gate), "'");
 }
 
+OutAct parse_out_act(c10::string_view out_act) {
+  if (out_act == "none") return OutAct::kNone;
+  if (out_act == "relu") return OutAct::kRelu;
+  if (out_act == "silu") return OutAct::kSilu;
+  TORCH_CHECK_VALUE(false, "out_act must be one of 'none', 'relu', 'silu', got '", std::string(out_act), "'");
+}
+
 // (stride_n, stride_c, stride_p) when H and W flatten into one position axis.
 bool spatial_strides(const Tensor& t, Strides3* out) {
   const int64_t h = t.size(2), w = t.size(3);
@@ -158,6 +165,16 @@ int64_t check_inputs(const Tensor& x, const Tensor& w1, const c10::optional<Tens
   return r;
 }
 
+// A full-size tensor beside x (residual, grad_y, y): x's shape, dtype and device.
+void check_like_x(const Tensor& t, const char* name, const Tensor& x) {
+  check_dims(t, name, 4);
+  TORCH_CHECK_VALUE(t.sizes() == x.sizes(), name, " must have x's shape ", py_shape(x.sizes()), ", got ",
+                    py_shape(t.sizes()));
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), name, " must have x's dtype ", py_dtype(x.scalar_type()),
+                   ", got ", py_dtype(t.scalar_type()));
+  TORCH_CHECK_VALUE(t.device() == x.device(), name, " is on ", t.device(), " but x is on ", x.device());
+}
+
 // An output buffer: NaN-filled under poisoning, so an element a kernel forgets to write fails the tests.
 Tensor poisoned(Tensor t) {
   if (poison.load(std::memory_order_relaxed) && t.numel() > 0) t.fill_(std::numeric_limits<double>::quiet_NaN());
@@ -180,18 +197,22 @@ void register_cuda_build(const char* arch_list) {
 
 ForwardCall forward_call(const Tensor& x_in, const Tensor& fc1_weight, const c10::optional<Tensor>& fc1_bias,
                          const Tensor& fc2_weight, const c10::optional<Tensor>& fc2_bias, c10::string_view act,
-                         c10::string_view gate) {
+                         c10::string_view gate, const c10::optional<Tensor>& residual_in, c10::string_view out_act) {
   const Act act_kind = parse_act(act);
   const Gate gate_kind = parse_gate(gate);
+  const OutAct out_act_kind = parse_out_act(out_act);
   const int64_t r = check_inputs(x_in, fc1_weight, fc1_bias, fc2_weight, fc2_bias);
+  if (residual_in) check_like_x(*residual_in, "residual", x_in);
   // every argument is checked before anything is allocated or launched
   const Tensor x = flattenable(x_in, at::MemoryFormat::Contiguous);
+  const Tensor residual = residual_in ? flattenable(*residual_in, x.suggest_memory_format()) : Tensor();
   const int64_t n = x.size(0), c = x.size(1);
   const auto vec = x.options().dtype(compute_dtype(x));
-  ForwardCall call{x, poisoned(at::empty_like(x)), poisoned(at::empty({n, c}, vec)), poisoned(at::empty({n, r}, vec)),
-                   poisoned(at::empty({n, c}, vec)), ForwardArgs{}};
+  ForwardCall call{x, residual, poisoned(at::empty_like(x)), poisoned(at::empty({n, c}, vec)),
+                   poisoned(at::empty({n, r}, vec)), poisoned(at::empty({n, c}, vec)), ForwardArgs{}};
   ForwardArgs& args = call.args;
   args.x = x.data_ptr();
+  args.residual = residual.defined() ? residual.data_ptr() : nullptr;
   args.y = call.y.data_ptr();
   args.w1 = fc1_weight.data_ptr();
   args.b1 = fc1_bias ? fc1_bias->data_ptr() : nullptr;
@@ -205,6 +226,7 @@ ForwardCall forward_call(const Tensor& x_in, const Tensor& fc1_weight, const c10
   args.r = r;
   args.p = x.size(2) * x.size(3);
   args.x_strides = strides_of(x);
+  args.residual_strides = residual.defined() ? strides_of(residual) : args.x_strides;
   args.y_strides = strides_of(call.y);
   args.w1_stride_r = fc1_weight.stride(0);
   args.w1_stride_c = fc1_weight.stride(1);
@@ -214,28 +236,40 @@ ForwardCall forward_call(const Tensor& x_in, const Tensor& fc1_weight, const c10
   args.param_dtype = to_dtype(fc1_weight.scalar_type());
   args.act = act_kind;
   args.gate = gate_kind;
+  args.out_act = out_act_kind;
   return call;
 }
 
 BackwardCall backward_call(const Tensor& grad_y, const Tensor& x_in, const Tensor& fc1_weight,
                            const Tensor& fc2_weight, const Tensor& z, const Tensor& a, const Tensor& e,
                            c10::string_view act, c10::string_view gate, bool has_fc1_bias, bool has_fc2_bias,
-                           bool need_dx, bool need_weight_grads) {
+                           bool need_dx, bool need_weight_grads, const c10::optional<Tensor>& y_in,
+                           const c10::optional<Tensor>& residual_in, c10::string_view out_act,
+                           bool need_residual_grad) {
   const Act act_kind = parse_act(act);
   const Gate gate_kind = parse_gate(gate);
   const int64_t r = check_inputs(x_in, fc1_weight, c10::nullopt, fc2_weight, c10::nullopt);
-  TORCH_CHECK_VALUE(grad_y.sizes() == x_in.sizes(), "grad_y must have x's shape ", py_shape(x_in.sizes()), ", got ",
-                    py_shape(grad_y.sizes()));
-  TORCH_CHECK_TYPE(grad_y.scalar_type() == x_in.scalar_type(), "grad_y must have x's dtype ",
-                   py_dtype(x_in.scalar_type()), ", got ", py_dtype(grad_y.scalar_type()));
-  TORCH_CHECK_VALUE(grad_y.device() == x_in.device(), "grad_y is on ", grad_y.device(), " but x is on ",
-                    x_in.device());
+  const OutAct out_act_kind = parse_out_act(out_act);
+  check_like_x(grad_y, "grad_y", x_in);
+  for (const auto& [t, name, needed] : {std::tuple(&y_in, "y", out_act_kind == OutAct::kRelu),
+                                        std::tuple(&residual_in, "residual", out_act_kind == OutAct::kSilu)}) {
+    if (*t) {
+      check_like_x(**t, name, x_in);
+    } else {
+      TORCH_CHECK_VALUE(!needed, "the backward of out_act='", std::string(out_act), "' needs ", name, ", got None");
+    }
+  }
   const int64_t n = x_in.size(0), c = x_in.size(1);
   check_vector(z, "z", x_in, n, c);
   check_vector(a, "a", x_in, n, r);
   check_vector(e, "e", x_in, n, c);
   const Tensor x = flattenable(x_in, at::MemoryFormat::Contiguous);
-  const Tensor g = flattenable(grad_y, x.suggest_memory_format());
+  const auto format = x.suggest_memory_format();
+  const Tensor g = flattenable(grad_y, format);
+  const bool relu_tail = out_act_kind == OutAct::kRelu, silu_tail = out_act_kind == OutAct::kSilu;
+  const Tensor y = relu_tail ? flattenable(*y_in, format) : Tensor();
+  const Tensor residual = silu_tail && residual_in ? flattenable(*residual_in, format) : Tensor();
+  need_residual_grad = need_residual_grad && out_act_kind != OutAct::kNone;
 
   const auto vec = x.options().dtype(compute_dtype(x));
   const auto param = fc1_weight.options();
@@ -243,12 +277,13 @@ BackwardCall backward_call(const Tensor& grad_y, const Tensor& x_in, const Tenso
   const auto output = [&](bool needed, at::IntArrayRef shape) {
     return needed ? poisoned(at::empty(shape, param)) : at::empty({0}, param);
   };
-  BackwardCall call{x, g,
+  BackwardCall call{x, g, y, residual,
                     need_dx ? poisoned(at::empty_like(x)) : at::empty({0}, x.options()),
                     output(need_weight_grads, fc1_weight.sizes()),
                     output(need_weight_grads && has_fc1_bias, {r}),
                     output(need_weight_grads, fc2_weight.sizes()),
                     output(need_weight_grads && has_fc2_bias, {c}),
+                    need_residual_grad ? poisoned(at::empty_like(x)) : at::empty({0}, x.options()),
                     poisoned(at::empty({n, c}, vec)),
                     poisoned(at::empty({n, r}, vec)),
                     poisoned(at::empty({n, c}, vec)),
@@ -259,6 +294,9 @@ BackwardCall backward_call(const Tensor& grad_y, const Tensor& x_in, const Tenso
   BackwardArgs& args = call.args;
   args.grad_y = g.data_ptr();
   args.x = x.data_ptr();
+  args.y = y.defined() ? y.data_ptr() : nullptr;
+  args.residual = residual.defined() ? residual.data_ptr() : nullptr;
+  args.d_residual = need_residual_grad ? call.d_residual.data_ptr() : nullptr;
   args.dx = need_dx ? call.dx.data_ptr() : nullptr;
   args.w1 = fc1_weight.data_ptr();
   args.w2 = fc2_weight.data_ptr();
@@ -278,6 +316,9 @@ BackwardCall backward_call(const Tensor& grad_y, const Tensor& x_in, const Tenso
   args.p = x.size(2) * x.size(3);
   args.g_strides = strides_of(g);
   args.x_strides = strides_of(x);
+  args.y_strides = y.defined() ? strides_of(y) : args.x_strides;
+  args.residual_strides = residual.defined() ? strides_of(residual) : args.x_strides;
+  args.d_residual_strides = need_residual_grad ? strides_of(call.d_residual) : args.x_strides;
   args.dx_strides = need_dx ? strides_of(call.dx) : args.x_strides;
   args.w1_stride_r = fc1_weight.stride(0);
   args.w1_stride_c = fc1_weight.stride(1);
@@ -291,15 +332,18 @@ BackwardCall backward_call(const Tensor& grad_y, const Tensor& x_in, const Tenso
   args.param_dtype = to_dtype(fc1_weight.scalar_type());
   args.act = act_kind;
   args.gate = gate_kind;
+  args.out_act = out_act_kind;
   return call;
 }
 
 TORCH_LIBRARY(se_fused, m) {
   m.def("se_forward(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, "
-        "str act, str gate) -> (Tensor y, Tensor z, Tensor a, Tensor e)");
+        "str act, str gate, Tensor? residual=None, str out_act=\"none\") -> (Tensor y, Tensor z, Tensor a, Tensor e)");
   m.def("se_backward(Tensor grad_y, Tensor x, Tensor fc1_weight, Tensor fc2_weight, Tensor z, Tensor a, "
         "Tensor e, str act, str gate, bool has_fc1_bias, bool has_fc2_bias, bool need_dx, "
-        "bool need_weight_grads) -> (Tensor dx, Tensor dw1, Tensor db1, Tensor dw2, Tensor db2)");
+        "bool need_weight_grads, Tensor? y=None, Tensor? residual=None, str out_act=\"none\", "
+        "bool need_residual_grad=False) -> (Tensor dx, Tensor dw1, Tensor db1, Tensor dw2, Tensor db2, "
+        "Tensor d_residual)");
 }
 
 // The ops compute; their autograd is se_fused.SqueezeExciteFunction. Backpropagating through a

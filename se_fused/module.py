@@ -27,6 +27,9 @@ class FusedSE(SEBlock):
         bias: whether ``fc1`` and ``fc2`` have biases.
         act: ``"relu"`` or ``"silu"`` (EfficientNet), after ``fc1``.
         gate: ``"sigmoid"`` or ``"hard_sigmoid"`` (MobileNetV3), after ``fc2``.
+        out_act: None, ``"relu"`` or ``"silu"``: with it (or with a residual), ``forward(x, residual)``
+            computes a residual block's tail ``out_act(x * s + residual)`` in the same pass
+            (see ``convert_se_modules(model, fuse_residual=True)``).
         backend: which kernels run: ``"auto"`` (default: the CUDA kernels for CUDA tensors when
             built, else Triton; the C++ kernel for CPU tensors when built; else PyTorch ops),
             ``"cuda"``, ``"cpp"``, ``"triton"`` or ``"torch"``. ``repr`` shows what ``"auto"``
@@ -47,9 +50,11 @@ class FusedSE(SEBlock):
         bias: bool = True,
         act: str = "relu",
         gate: str = "sigmoid",
+        out_act: str | None = None,
         backend: str = "auto",
     ) -> None:
-        super().__init__(channels, reduction, rd_channels=rd_channels, bias=bias, act=act, gate=gate)
+        super().__init__(channels, reduction, rd_channels=rd_channels, bias=bias, act=act, gate=gate,
+                         out_act=out_act)
         check_choice("backend", backend, BACKENDS)
         self.backend = backend
 
@@ -89,20 +94,22 @@ class FusedSE(SEBlock):
             return ""
         device_type = self.fc1.weight.device.type
         try:
-            return f" (runs {resolve_backend('auto', device_type)!r} on {device_type})"
+            return f" (runs {resolve_backend('auto', device_type, self.out_act is not None)!r} on {device_type})"
         except RuntimeError:
             return ""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """y = x · s, s = gate(fc2(act(fc1(mean over H, W of x)))) per sample and channel.
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """y = x · s, s = gate(fc2(act(fc1(mean over H, W of x)))) per sample and channel; with
+        `residual` and/or ``out_act``: y = out_act(x · s + residual).
 
         x: (N, C, H, W) with C = ``channels``; see the class docstring for dtypes and layouts.
+        residual: None or a tensor of x's shape, dtype and device (any layout).
         """
         if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[1] != self.channels:
             raise ValueError(f"{type(self).__name__} has {self.channels} channels but x has {x.shape[1]} "
                              f"(x of shape {tuple(x.shape)}; channels are dimension 1)")
         return squeeze_excite(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, act=self.act,
-                              gate=self.gate, backend=self.backend)
+                              gate=self.gate, backend=self.backend, residual=residual, out_act=self.out_act)
 
 
 def _se_parts(module: nn.Module):

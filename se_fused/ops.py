@@ -7,9 +7,13 @@
     "torch"   se_forward_torch / se_backward_torch           PyTorch ops (torch_backend.py), any device
 
 All share one contract, ``csrc/se_fused.cpp``'s schema: forward(x, fc1_weight, fc1_bias,
-fc2_weight, fc2_bias, act, gate) -> (y, z, a, e); backward(grad_y, x, fc1_weight, fc2_weight,
-z, a, e, act, gate, has_fc1_bias, has_fc2_bias, need_dx, need_weight_grads) -> (dx, dw1, db1,
-dw2, db2), empty tensors for what was not asked for. Weights may be (R, C) or (R, C, 1, 1) and
+fc2_weight, fc2_bias, act, gate, residual=None, out_act="none") -> (y, z, a, e) with
+y = out_act(x * s + residual); backward(grad_y, x, fc1_weight, fc2_weight, z, a, e, act, gate,
+has_fc1_bias, has_fc2_bias, need_dx, need_weight_grads, y=None, residual=None, out_act="none",
+need_residual_grad=False) -> (dx, dw1, db1, dw2, db2, d_residual), empty tensors for what was
+not asked for. The backward of out_act "relu" reads y (its mask), that of "silu" the residual
+(to recompute the activation's input); d_residual is the gradient at out_act's input, returned
+when out_act is not "none" (without out_act it is grad_y itself). Weights may be (R, C) or (R, C, 1, 1) and
 their gradients come back in the same shape; x whose H and W do not flatten into one axis is
 copied first; y and dx have the strides of ``empty_like`` of that x. Every op checks every
 argument (spec.check_inputs, mirrored word for word in C++) before any kernel runs. The fake kernels below serve every op, so ``torch.compile`` and
@@ -31,7 +35,7 @@ from torch import Tensor
 
 from . import torch_backend
 from .debug import record_launch
-from .spec import check_grad, check_hidden_width, check_inputs, compute_dtype, flattenable
+from .spec import check_backward_tail, check_hidden_width, check_inputs, compute_dtype, flattenable
 
 from .extension import LOAD_ERROR as EXTENSION_ERROR
 from .extension import native as _C  # its import registered the compiled ops (TORCH_LIBRARY in csrc/)
@@ -67,8 +71,8 @@ def triton_available() -> bool:
 # ----------------------------------------------------------------------------- fake kernels
 
 
-def _forward_fake(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate):
-    check_inputs(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate)  # the ops' errors, at trace time
+def _forward_fake(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate, residual=None, out_act="none"):
+    check_inputs(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate, residual, out_act)  # errors at trace time
     n, c = x.shape[:2]
     vec = dict(dtype=compute_dtype(x), device=x.device)
     return (torch.empty_like(flattenable(x)), x.new_empty((n, c), **vec), x.new_empty((n, fc1_weight.shape[0]), **vec),
@@ -76,14 +80,16 @@ def _forward_fake(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate):
 
 
 def _backward_fake(grad_y, x, fc1_weight, fc2_weight, z, a, e, act, gate, has_fc1_bias, has_fc2_bias, need_dx,
-                   need_weight_grads):
+                   need_weight_grads, y=None, residual=None, out_act="none", need_residual_grad=False):
     c, r = x.shape[1], fc1_weight.shape[0]
 
     def param(shape, needed=True):
         return fc1_weight.new_empty(shape if needed and need_weight_grads else (0,))
 
     dx = torch.empty_like(flattenable(x)) if need_dx else x.new_empty((0,))
-    return dx, param(fc1_weight.shape), param((r,), has_fc1_bias), param(fc2_weight.shape), param((c,), has_fc2_bias)
+    d_residual = torch.empty_like(flattenable(x)) if need_residual_grad and out_act != "none" else x.new_empty((0,))
+    return (dx, param(fc1_weight.shape), param((r,), has_fc1_bias), param(fc2_weight.shape),
+            param((c,), has_fc2_bias), d_residual)
 
 
 if _C is not None:
@@ -100,31 +106,40 @@ def _define(name: str, forward, backward, device_types) -> "BackendOps":
 
     @torch.library.custom_op(f"se_fused::se_forward_{name}", mutates_args=(), device_types=device_types)
     def forward_op(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
-                   fc2_bias: Optional[Tensor], act: str, gate: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        check_inputs(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate)
+                   fc2_bias: Optional[Tensor], act: str, gate: str, residual: Optional[Tensor] = None,
+                   out_act: str = "none") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        check_inputs(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate, residual, out_act)
         check_hidden_width(name, fc1_weight.shape[0], x)
         r, c = fc1_weight.shape[:2]
         return forward(flattenable(x), fc1_weight.reshape(r, c), fc1_bias, fc2_weight.reshape(c, r), fc2_bias, act,
-                       gate)
+                       gate, _flattenable_or_none(residual), out_act)
 
     @torch.library.custom_op(f"se_fused::se_backward_{name}", mutates_args=(), device_types=device_types)
     def backward_op(grad_y: Tensor, x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, z: Tensor, a: Tensor,
                     e: Tensor, act: str, gate: str, has_fc1_bias: bool, has_fc2_bias: bool, need_dx: bool,
-                    need_weight_grads: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                    need_weight_grads: bool, y: Optional[Tensor] = None, residual: Optional[Tensor] = None,
+                    out_act: str = "none", need_residual_grad: bool = False
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         check_inputs(x, fc1_weight, None, fc2_weight, None, act, gate)
-        check_grad(grad_y, x)
+        check_backward_tail(grad_y, x, y, residual, out_act)
         check_hidden_width(name, fc1_weight.shape[0], x)
         r, c = fc1_weight.shape[:2]
-        dx, dw1, db1, dw2, db2 = backward(grad_y, flattenable(x), fc1_weight.reshape(r, c), fc2_weight.reshape(c, r),
-                                          z, a, e, act, gate, has_fc1_bias, has_fc2_bias, need_dx, need_weight_grads)
+        dx, dw1, db1, dw2, db2, d_residual = backward(
+            grad_y, flattenable(x), fc1_weight.reshape(r, c), fc2_weight.reshape(c, r), z, a, e, act, gate,
+            has_fc1_bias, has_fc2_bias, need_dx, need_weight_grads, _flattenable_or_none(y),
+            _flattenable_or_none(residual), out_act, need_residual_grad)
         if need_weight_grads:  # in the weights' own shapes, (R, C) or (R, C, 1, 1)
             dw1, dw2 = dw1.view(fc1_weight.shape), dw2.view(fc2_weight.shape)
-        return dx, dw1, db1, dw2, db2
+        return dx, dw1, db1, dw2, db2, d_residual
 
     forward_op.register_fake(_forward_fake)
     backward_op.register_fake(_backward_fake)
     return BackendOps(getattr(torch.ops.se_fused, f"se_forward_{name}").default,
                       getattr(torch.ops.se_fused, f"se_backward_{name}").default)
+
+
+def _flattenable_or_none(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else flattenable(t)
 
 
 class BackendOps(NamedTuple):
@@ -144,19 +159,21 @@ if triton_kernels is not None:
                                     ("cuda", "cpu"))
 
 
-def run_forward(backend: str, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate):
+def run_forward(backend: str, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate, residual=None,
+                out_act="none"):
     """(y, z, a, e) from `backend`'s forward op."""
-    out = BACKEND_OPS[backend].forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate)
+    out = BACKEND_OPS[backend].forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate, residual, out_act)
     if backend in ("cpp", "cuda") and x.shape[0]:  # the Triton launchers count their own launches
         record_launch(f"se_forward_{backend}")
     return out
 
 
 def run_backward(backend: str, grad_y, x, fc1_weight, fc2_weight, z, a, e, act, gate, has_fc1_bias, has_fc2_bias,
-                 need_dx, need_weight_grads):
-    """(dx, dw1, db1, dw2, db2) from `backend`'s backward op."""
+                 need_dx, need_weight_grads, y=None, residual=None, out_act="none", need_residual_grad=False):
+    """(dx, dw1, db1, dw2, db2, d_residual) from `backend`'s backward op."""
     out = BACKEND_OPS[backend].backward(grad_y, x, fc1_weight, fc2_weight, z, a, e, act, gate, has_fc1_bias,
-                                        has_fc2_bias, need_dx, need_weight_grads)
+                                        has_fc2_bias, need_dx, need_weight_grads, y, residual, out_act,
+                                        need_residual_grad)
     if backend in ("cpp", "cuda") and x.shape[0]:
         record_launch(f"se_backward_{backend}")
         if backend == "cuda" and need_weight_grads:

@@ -12,6 +12,7 @@ import torch
 
 ACTIVATIONS = ("relu", "silu")
 GATES = ("sigmoid", "hard_sigmoid")
+OUT_ACTIVATIONS = ("none", "relu", "silu")  # of the fused residual tail, y = out_act(x * s + residual)
 BACKENDS = ("auto", "cuda", "cpp", "triton", "torch")
 INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -69,10 +70,12 @@ def _check_tensor(name: str, t: object, ndims: tuple[int, ...]) -> None:
         raise ValueError(f"{name} must have {' or '.join(map(str, ndims))} dimensions, got shape {tuple(t.shape)}")
 
 
-def check_inputs(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act: str, gate: str) -> None:
+def check_inputs(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act: str, gate: str, residual=None,
+                 out_act: str = "none") -> None:
     """Every argument of ``squeeze_excite``, checked before any kernel runs; messages name the argument."""
     check_choice("act", act, ACTIVATIONS)
     check_choice("gate", gate, GATES)
+    check_choice("out_act", out_act, OUT_ACTIVATIONS)
     _check_tensor("x", x, (4,))
     if x.dtype not in INPUT_DTYPES:
         raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
@@ -100,6 +103,19 @@ def check_inputs(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act: str, gate: 
         if t.dtype != fc1_weight.dtype or not (t.dtype == x.dtype or (half_x and t.dtype == torch.float32)):
             allowed = f"{x.dtype} or torch.float32" if half_x else str(x.dtype)
             raise TypeError(f"{name} has dtype {t.dtype}; parameters must all be {allowed} for x of dtype {x.dtype}")
+    if residual is not None:
+        check_like_x("residual", residual, x)
+
+
+def check_like_x(name: str, t, x) -> None:
+    """A full-size tensor beside x (the residual, the output y): x's shape, dtype and device."""
+    _check_tensor(name, t, (4,))
+    if tuple(t.shape) != tuple(x.shape):
+        raise ValueError(f"{name} must have x's shape {tuple(x.shape)}, got {tuple(t.shape)}")
+    if t.dtype != x.dtype:
+        raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
 
 def check_hidden_width(backend: str, r: int, x: torch.Tensor) -> None:
@@ -113,11 +129,13 @@ def check_hidden_width(backend: str, r: int, x: torch.Tensor) -> None:
                          f"fc1_weight with {r} outputs; use backend='cpp' (CPU) or 'torch'")
 
 
-def check_grad(grad_y, x) -> None:
-    """grad_y of a backward op: x's shape, dtype and device."""
-    if tuple(grad_y.shape) != tuple(x.shape):
-        raise ValueError(f"grad_y must have x's shape {tuple(x.shape)}, got {tuple(grad_y.shape)}")
-    if grad_y.dtype != x.dtype:
-        raise TypeError(f"grad_y must have x's dtype {x.dtype}, got {grad_y.dtype}")
-    if grad_y.device != x.device:
-        raise ValueError(f"grad_y is on {grad_y.device} but x is on {x.device}")
+def check_backward_tail(grad_y, x, y, residual, out_act: str) -> None:
+    """The full-size arguments of a backward op: grad_y always; y when out_act is "relu" (its mask),
+    the residual when it is "silu" (to recompute the activation's input)."""
+    check_choice("out_act", out_act, OUT_ACTIVATIONS)
+    check_like_x("grad_y", grad_y, x)
+    for name, t, needed in (("y", y, out_act == "relu"), ("residual", residual, out_act == "silu")):
+        if t is not None:
+            check_like_x(name, t, x)
+        elif needed:
+            raise ValueError(f"the backward of out_act={out_act!r} needs {name}, got None")

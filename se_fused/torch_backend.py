@@ -3,8 +3,9 @@
 It runs on any device and serves as the portable fallback (``backend="auto"`` on devices
 the kernels do not cover) and as the differentiable formula for double backward. It keeps
 the kernels' contract: forward returns (y, z, a, e) with the MLP in the compute dtype
-(float32, float64 for float64 x); backward returns (dx, dW1, db1, dW2, db2), empty tensors
-for what was not asked for.
+(float32, float64 for float64 x) and y = out_act(x * s + residual) (the fused residual tail
+when a residual or out_act is given); backward returns (dx, dW1, db1, dW2, db2, d_residual),
+empty tensors for what was not asked for.
 """
 
 from __future__ import annotations
@@ -53,24 +54,50 @@ def scales(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act: str, gate: str):
     return apply_gate(e, gate), z, a, e
 
 
-def squeeze_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act: str, gate: str) -> torch.Tensor:
+def tail(t: torch.Tensor, out_act: str) -> torch.Tensor:
+    """out_act of the fused residual tail, as eager computes it."""
+    return t if out_act == "none" else apply_activation(t, out_act)
+
+
+def squeeze_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act: str, gate: str, residual=None,
+                   out_act: str = "none") -> torch.Tensor:
     """y, as a differentiable graph of PyTorch ops (what double backward differentiates)."""
     s = scales(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate)[0]
-    return x * s.to(x.dtype)[:, :, None, None]
+    t = x * s.to(x.dtype)[:, :, None, None]
+    return tail(t if residual is None else t + residual, out_act)
 
 
-def se_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act: str, gate: str):
+def se_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act: str, gate: str, residual=None,
+               out_act: str = "none"):
     s, z, a, e = scales(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate)
     y = torch.empty_like(x)  # x's strides, as every backend's output
     torch.mul(x, s.to(x.dtype)[:, :, None, None], out=y)
+    if residual is not None:
+        y.add_(residual)
+    if out_act != "none":
+        y.copy_(tail(y, out_act))
     return y, z, a, e
 
 
+def tail_backward(grad_y, x, y, residual, s, out_act: str) -> torch.Tensor:
+    """The gradient at out_act's input, in the compute dtype: from y's sign for ReLU (eager's
+    threshold_backward), from the recomputed input x * s + residual for SiLU."""
+    g = grad_y.to(s.dtype)
+    if out_act == "relu":
+        return torch.where(y > 0, g, 0.0)
+    if out_act == "silu":
+        t = x.to(s.dtype) * s[:, :, None, None]
+        return activation_backward(g, t if residual is None else t + residual.to(s.dtype), "silu")
+    return g
+
+
 def se_backward(grad_y, x, fc1_weight, fc2_weight, z, a, e, act: str, gate: str, has_fc1_bias: bool,
-                has_fc2_bias: bool, need_dx: bool, need_weight_grads: bool):
+                has_fc2_bias: bool, need_dx: bool, need_weight_grads: bool, y=None, residual=None,
+                out_act: str = "none", need_residual_grad: bool = False):
     cd = z.dtype
     p = x.shape[2] * x.shape[3]
-    g = grad_y.to(cd)
+    g = tail_backward(grad_y, x, y, residual, apply_gate(e, gate), out_act)
+    d_residual = g.to(x.dtype) if need_residual_grad and out_act != "none" else x.new_empty((0,))
     de = gate_backward((g * x.to(cd)).sum((2, 3)), e, gate)
     da = activation_backward(de @ fc2_weight.to(cd), a, act)
     dx = x.new_empty((0,))
@@ -78,12 +105,12 @@ def se_backward(grad_y, x, fc1_weight, fc2_weight, z, a, e, act: str, gate: str,
         dzp = (da @ fc1_weight.to(cd)) / p
         dx = torch.empty_like(x)
         torch.add(g * apply_gate(e, gate)[:, :, None, None], dzp[:, :, None, None], out=dx)
-    if not need_weight_grads:
-        return dx, *(fc1_weight.new_empty((0,)) for _ in range(4))  # new tensors: outputs must not alias
+    if not need_weight_grads:  # new tensors: outputs must not alias
+        return dx, *(fc1_weight.new_empty((0,)) for _ in range(4)), d_residual
     param = fc1_weight.dtype
     dw1 = (da.T @ z).to(param)
     dw2 = (de.T @ apply_activation(a, act)).to(param)
     db1 = da.sum(0).to(param) if has_fc1_bias else fc1_weight.new_empty((0,))
     db2 = de.sum(0).to(param) if has_fc2_bias else fc1_weight.new_empty((0,))
-    return dx, dw1, db1, dw2, db2
+    return dx, dw1, db1, dw2, db2, d_residual
 

@@ -26,8 +26,8 @@ TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "f
 
 def pointer_types(kernel_name: str, x: str, param: str, compute: str) -> dict[str, str]:
     roles = {
-        "se_forward_kernel": ((x, "x y"), (param, "w1 b1 w2 b2"), (compute, "z a e partial")),
-        "se_backward_kernel": ((x, "g x dx"), (param, "w1 w2"), (compute, "a e de da dzp partial")),
+        "se_forward_kernel": ((x, "x res y"), (param, "w1 b1 w2 b2"), (compute, "z a e partial")),
+        "se_backward_kernel": ((x, "g x dx u res dres"), (param, "w1 w2"), (compute, "a e de da dzp partial")),
         "se_weight_grad_kernel": ((compute, "de da z a"), (param, "dw1 db1 dw2 db2")),
     }[kernel_name]
     types = {"ticket_ptr": "*i32", "counter_ptr": "*i32", "flag_ptr": "*i32"}
@@ -58,18 +58,23 @@ def resource_usage(compiled) -> str:
 
 def variants():
     common = dict(ACT=1, GATE=0, BLOCK_R=64, BLOCK_CM=32)
-    nchw = ("stride_xp", "stride_yp", "stride_gp", "stride_dp")
-    channels_last = ("stride_xc", "stride_yc", "stride_gc", "stride_dc")
+    nchw = ("stride_xp", "stride_yp", "stride_gp", "stride_dp", "stride_rp", "stride_up", "stride_tp")
+    channels_last = ("stride_xc", "stride_yc", "stride_gc", "stride_dc", "stride_rc", "stride_uc", "stride_tc")
     for arch in (80, 90):
         for x, param in (("float16", "float16"), ("bfloat16", "float32"), ("float32", "float32"),
                          ("float64", "float64")):
             for split in (False, True):
                 for layout, unit, blocks in (("nchw", nchw, dict(BLOCK_C=16, BLOCK_P=256)),
                                              ("channels_last", channels_last, dict(BLOCK_C=128, BLOCK_P=32))):
-                    fwd = dict(common, HAS_B1=True, HAS_B2=True, SPLIT=split, **blocks)
-                    bwd = dict(common, WRITE_DX=True, SPLIT=split, **blocks)
+                    fwd = dict(common, HAS_B1=True, HAS_B2=True, HAS_RES=False, OUT=0, SPLIT=split, **blocks)
+                    bwd = dict(common, WRITE_DX=True, OUT=0, HAS_RES=False, WRITE_DRES=False, SPLIT=split, **blocks)
                     yield se_forward_kernel, arch, x, param, fwd, unit, layout
                     yield se_backward_kernel, arch, x, param, bwd, unit, layout
+                    if split and x in ("bfloat16", "float32"):  # the residual tail (ReLU and SiLU)
+                        yield se_forward_kernel, arch, x, param, dict(fwd, HAS_RES=True, OUT=1), unit, layout + " tail"
+                        for out, has_res in ((1, False), (2, True)):
+                            tail = dict(bwd, OUT=out, HAS_RES=has_res, WRITE_DRES=True)
+                            yield se_backward_kernel, arch, x, param, tail, unit, layout + f" tail{out}"
         wgrad = dict(ACT=1, HAS_B1=True, HAS_B2=True, BLOCK_C=32, BLOCK_R=32)
         yield se_weight_grad_kernel, arch, "float16", "float32", wgrad, (), "-"
         yield se_weight_grad_kernel, arch, "float64", "float64", wgrad, (), "-"

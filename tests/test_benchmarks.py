@@ -93,3 +93,13 @@ def test_senet_costs_quick_mode(tmp_path):
         assert all(float(row[f"{task} {v} ms"]) > 0 for v in ("base", "SE eager", "SE fused"))
     assert "+10.0%" in (tmp_path / "senet.md").read_text()  # the paper's training overhead, side by side
     assert (tmp_path / "senet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_residual_tail_quick_mode(tmp_path):
+    _run("bench_tail.py", "--device", "cpu", "--quick", "--out", str(tmp_path), "--layouts", "channels_last")
+    rows = list(csv.DictReader(open(tmp_path / "tail.csv")))
+    measured = {(r["contender"], r["pass"]) for r in rows if r["status"] == "ok" and float(r["ms"]) > 0}
+    for contender in ("eager", "torch.compile", "FusedSE + eager tail", "FusedSE tail torch", "FusedSE tail cpp"):
+        for pass_name in ("forward", "forward+backward"):
+            assert (contender, pass_name) in measured, (contender, pass_name, rows)
+    assert "| 256x56x56 r16 |" in (tmp_path / "tail.md").read_text()

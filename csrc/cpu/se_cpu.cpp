@@ -25,8 +25,8 @@ Isa isa() {
 
 ForwardResult forward_cpu(const Tensor& x, const Tensor& fc1_weight, const c10::optional<Tensor>& fc1_bias,
                           const Tensor& fc2_weight, const c10::optional<Tensor>& fc2_bias, c10::string_view act,
-                          c10::string_view gate) {
-  const ForwardCall call = forward_call(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate);
+                          c10::string_view gate, const c10::optional<Tensor>& residual, c10::string_view out_act) {
+  const ForwardCall call = forward_call(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate, residual, out_act);
   if (call.args.n == 0) return call.result();
   const Parameters params(fc1_weight, fc1_bias, fc2_weight, fc2_bias);
   switch (isa()) {
@@ -42,9 +42,12 @@ ForwardResult forward_cpu(const Tensor& x, const Tensor& fc1_weight, const c10::
 BackwardResult backward_cpu(const Tensor& grad_y, const Tensor& x, const Tensor& fc1_weight,
                             const Tensor& fc2_weight, const Tensor& z, const Tensor& a, const Tensor& e,
                             c10::string_view act, c10::string_view gate, bool has_fc1_bias, bool has_fc2_bias,
-                            bool need_dx, bool need_weight_grads) {
+                            bool need_dx, bool need_weight_grads, const c10::optional<Tensor>& y,
+                            const c10::optional<Tensor>& residual, c10::string_view out_act,
+                            bool need_residual_grad) {
   const BackwardCall call = backward_call(grad_y, x, fc1_weight, fc2_weight, z, a, e, act, gate, has_fc1_bias,
-                                          has_fc2_bias, need_dx, need_weight_grads);
+                                          has_fc2_bias, need_dx, need_weight_grads, y, residual, out_act,
+                                          need_residual_grad);
   if (call.args.n == 0) return call.result();
   const Parameters params(fc1_weight, c10::nullopt, fc2_weight, c10::nullopt);
   switch (isa()) {

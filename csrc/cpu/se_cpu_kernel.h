@@ -8,6 +8,8 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cmath>
+#include <initializer_list>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -174,9 +176,58 @@ inline void add_columns(const T* a, const T* b, A* acc, int64_t n) {
   }
 }
 
-// dst[i] = src[i] * s (+ t) over a contiguous row.
-template <bool SHIFT, bool STREAM, typename T, typename A>
-void scale_row(const T* src, T* dst, int64_t n, A s, A t) {
+// ----------------------------------------------------------------------------- the residual tail
+// out_act of y = out_act(x * s + residual) (OUT: 0 none, 1 ReLU, 2 SiLU) and the gradient at its input,
+// computed as eager's CPU kernels compute them (NaN and Inf included): ReLU as clamp_min, its
+// gradient from y's sign (threshold_backward), SiLU as t / (1 + exp(-t)).
+
+template <int OUT, typename A>
+SE_ALWAYS_INLINE Vectorized<A> out_activation(const Vectorized<A>& v) {
+  if constexpr (OUT == 1) {
+    return at::vec::clamp_min(v, Vectorized<A>(A(0)));
+  } else if constexpr (OUT == 2) {
+    return v / (Vectorized<A>(A(1)) + v.neg().exp());
+  } else {
+    return v;
+  }
+}
+
+template <int OUT, typename A>
+inline A out_activation(A v) {
+  if constexpr (OUT == 1) {
+    return v < A(0) ? A(0) : v;
+  } else if constexpr (OUT == 2) {
+    return v / (A(1) + std::exp(-v));
+  } else {
+    return v;
+  }
+}
+
+// g · out_act'(·) from `u`: y for ReLU, the activation's input t for SiLU.
+template <int OUT, typename A>
+SE_ALWAYS_INLINE Vectorized<A> out_activation_grad(const Vectorized<A>& g, const Vectorized<A>& u) {
+  const Vectorized<A> zero(A(0)), one(A(1));
+  if constexpr (OUT == 1) {
+    return Vectorized<A>::blendv(zero, g, u > zero);
+  } else {
+    const Vectorized<A> sig = one / (one + u.neg().exp());
+    return g * (sig * (one + u * (one - sig)));
+  }
+}
+
+template <int OUT, typename A>
+inline A out_activation_grad(A g, A u) {
+  if constexpr (OUT == 1) {
+    return u > A(0) ? g : A(0);
+  } else {
+    const A sig = A(1) / (A(1) + std::exp(-u));
+    return g * (sig * (A(1) + u * (A(1) - sig)));
+  }
+}
+
+// dst[i] = out_act(src[i] * s (+ t) (+ res[i])) over a contiguous row.
+template <bool SHIFT, bool STREAM, int OUT, bool RES, typename T, typename A>
+void scale_row(const T* src, const T* res, T* dst, int64_t n, A s, A t) {
   constexpr int64_t W = kStep<A>;
   const Vectorized<A> vs(s), vt(t);
   const auto step = [&](int64_t i, int64_t count) {
@@ -184,6 +235,12 @@ void scale_row(const T* src, T* dst, int64_t n, A s, A t) {
     load(src + i, v0, v1, count);
     v0 = v0 * vs, v1 = v1 * vs;
     if constexpr (SHIFT) v0 = v0 + vt, v1 = v1 + vt;
+    if constexpr (RES) {
+      Vectorized<A> r0, r1;
+      load(res + i, r0, r1, count);
+      v0 = v0 + r0, v1 = v1 + r1;
+    }
+    v0 = out_activation<OUT>(v0), v1 = out_activation<OUT>(v1);
     if (count == W) {
       store_step<STREAM>(dst + i, v0, v1);
     } else {
@@ -195,9 +252,9 @@ void scale_row(const T* src, T* dst, int64_t n, A s, A t) {
   for (int64_t i = head; i < n; i += W) step(i, std::min(W, n - i));
 }
 
-// dst[j] = src[j] * s[j] (+ t[j]) over one channels_last position.
-template <bool SHIFT, bool STREAM, typename T, typename A>
-void scale_columns(const T* src, T* dst, const A* s, const A* t, int64_t n) {
+// dst[j] = out_act(src[j] * s[j] (+ t[j]) (+ res[j])) over one channels_last position.
+template <bool SHIFT, bool STREAM, int OUT, bool RES, typename T, typename A>
+void scale_columns(const T* src, const T* res, T* dst, const A* s, const A* t, int64_t n) {
   constexpr int64_t W = kStep<A>;
   const auto step = [&](int64_t j, int64_t count) {
     Vectorized<A> v0, v1, s0, s1;
@@ -209,6 +266,12 @@ void scale_columns(const T* src, T* dst, const A* s, const A* t, int64_t n) {
       load(t + j, t0, t1, count);
       v0 = v0 + t0, v1 = v1 + t1;
     }
+    if constexpr (RES) {
+      Vectorized<A> r0, r1;
+      load(res + j, r0, r1, count);
+      v0 = v0 + r0, v1 = v1 + r1;
+    }
+    v0 = out_activation<OUT>(v0), v1 = out_activation<OUT>(v1);
     if (count == W) {
       store_step<STREAM>(dst + j, v0, v1);
     } else {
@@ -226,10 +289,11 @@ void scale_columns(const T* src, T* dst, const A* s, const A* t, int64_t n) {
 // contiguous channels (channels_last), or element by element (any other strides, or two layouts).
 enum class Layout { kRows, kColumns, kStrided };
 
-Layout layout_of(const Strides3& a, const Strides3& b, int64_t C, int64_t P) {
+Layout layout_of(std::initializer_list<Strides3> views, int64_t C, int64_t P) {
   const auto columns = [&](const Strides3& s) { return s.c == 1 && C > 1 && (s.p != 1 || P == 1); };
-  if (columns(a) && columns(b)) return Layout::kColumns;
-  if (!columns(a) && !columns(b) && a.p == 1 && b.p == 1) return Layout::kRows;
+  const auto rows = [&](const Strides3& s) { return !columns(s) && s.p == 1; };
+  if (std::all_of(views.begin(), views.end(), columns)) return Layout::kColumns;
+  if (std::all_of(views.begin(), views.end(), rows)) return Layout::kRows;
   return Layout::kStrided;
 }
 
@@ -249,7 +313,7 @@ template <bool PRODUCT, typename T, typename A>
 void channel_sums(int64_t n0, int64_t n1, int64_t C, int64_t P, const T* a, Strides3 sa, const T* b, Strides3 sb,
                   A* out) {
   const int64_t G = n1 - n0;
-  const Layout layout = layout_of(sa, sb, C, P);
+  const Layout layout = layout_of({sa, sb}, C, P);
   if (layout == Layout::kColumns) {
     // Each task sums a chunk of positions, reading whole contiguous position rows; the chunks'
     // partial sums are then added in chunk order. Samples are cut into chunks only as far as it
@@ -290,18 +354,18 @@ void channel_sums(int64_t n0, int64_t n1, int64_t C, int64_t P, const T* a, Stri
   });
 }
 
-// dst[n, c, p] = src[n, c, p] * s[n * C + c] (+ t[n * C + c]) for samples [n0, n1); streaming stores
-// when STREAM.
-template <bool SHIFT, bool STREAM, typename T, typename A>
+// dst[n, c, p] = out_act(src[n, c, p] * s[n * C + c] (+ t[n * C + c]) (+ res[n, c, p])) for samples
+// [n0, n1); streaming stores when STREAM.
+template <bool SHIFT, bool STREAM, int OUT = 0, bool RES = false, typename T, typename A>
 void scale_channels(int64_t n0, int64_t n1, int64_t C, int64_t P, const T* src, Strides3 ss, T* dst, Strides3 sd,
-                    const A* s, const A* t) {
+                    const A* s, const A* t, const T* res = nullptr, Strides3 sr = {}) {
   const int64_t G = n1 - n0;
-  const Layout layout = layout_of(ss, sd, C, P);
+  const Layout layout = RES ? layout_of({ss, sd, sr}, C, P) : layout_of({ss, sd}, C, P);
   if (layout == Layout::kColumns) {
     at::parallel_for(0, G * P, std::max<int64_t>(1, kGrain / C), [&](int64_t i0, int64_t i1) {
       for_rows(n0, P, i0, i1, [&](int64_t n, int64_t p) {
-        scale_columns<SHIFT, STREAM>(src + n * ss.n + p * ss.p, dst + n * sd.n + p * sd.p, s + n * C,
-                                     SHIFT ? t + n * C : s, C);
+        scale_columns<SHIFT, STREAM, OUT, RES>(src + n * ss.n + p * ss.p, RES ? res + n * sr.n + p * sr.p : nullptr,
+                                               dst + n * sd.n + p * sd.p, s + n * C, SHIFT ? t + n * C : s, C);
       });
       if constexpr (STREAM) fence_streaming_stores();
     });
@@ -311,15 +375,92 @@ void scale_channels(int64_t n0, int64_t n1, int64_t C, int64_t P, const T* src, 
     for_rows(n0, C, i0, i1, [&](int64_t n, int64_t c) {
       const A scale = s[n * C + c], shift = SHIFT ? t[n * C + c] : A(0);
       const T* ps = src + n * ss.n + c * ss.c;
+      const T* pr = RES ? res + n * sr.n + c * sr.c : nullptr;
       T* pd = dst + n * sd.n + c * sd.c;
       if (layout == Layout::kRows) {
-        scale_row<SHIFT, STREAM>(ps, pd, P, scale, shift);
+        scale_row<SHIFT, STREAM, OUT, RES>(ps, pr, pd, P, scale, shift);
         return;
       }
-      for (int64_t p = 0; p < P; ++p) pd[p * sd.p] = static_cast<T>(static_cast<A>(ps[p * ss.p]) * scale + shift);
+      for (int64_t p = 0; p < P; ++p) {
+        A v = static_cast<A>(ps[p * ss.p]) * scale + shift;
+        if constexpr (RES) v += static_cast<A>(pr[p * sr.p]);
+        pd[p * sd.p] = static_cast<T>(out_activation<OUT>(v));
+      }
     });
     if constexpr (STREAM) fence_streaming_stores();
   });
+}
+
+// dt[n, c, p] = g · out_act'(u) for samples [n0, n1), the gradient at the tail's input, with u = y
+// (ReLU: `y` points at y) or u = x * s + residual (SiLU: `y` points at x; `res` null without residual).
+template <int OUT, bool RES, typename T, typename A>
+void tail_gradient(int64_t n0, int64_t n1, int64_t C, int64_t P, const T* g, Strides3 sg, const T* y, Strides3 sy,
+                   const T* res, Strides3 sr, const A* s, T* dt, Strides3 sd) {
+  constexpr int64_t W = kStep<A>;
+  constexpr bool kFromX = OUT == 2;  // SiLU recomputes its input from x
+  const int64_t G = n1 - n0;
+  const Layout layout = RES ? layout_of({sg, sy, sr, sd}, C, P) : layout_of({sg, sy, sd}, C, P);
+  // one step of `count` elements; `scale` gives the two vectors of s at that step
+  const auto step = [&](const T* pg, const T* py, const T* pr, T* pd, int64_t count, Vectorized<A> s0,
+                        Vectorized<A> s1) SE_ALWAYS_INLINE_LAMBDA {
+    Vectorized<A> g0, g1, u0, u1;
+    load(pg, g0, g1, count);
+    load(py, u0, u1, count);
+    if constexpr (kFromX) {
+      u0 = u0 * s0, u1 = u1 * s1;
+      if constexpr (RES) {
+        Vectorized<A> r0, r1;
+        load(pr, r0, r1, count);
+        u0 = u0 + r0, u1 = u1 + r1;
+      }
+    }
+    store(pd, out_activation_grad<OUT>(g0, u0), out_activation_grad<OUT>(g1, u1), count);
+  };
+  if (layout == Layout::kColumns) {
+    at::parallel_for(0, G * P, std::max<int64_t>(1, kGrain / C), [&](int64_t i0, int64_t i1) {
+      for_rows(n0, P, i0, i1, [&](int64_t n, int64_t p) {
+        const T *pg = g + n * sg.n + p * sg.p, *py = y + n * sy.n + p * sy.p;
+        const T* pr = RES ? res + n * sr.n + p * sr.p : nullptr;
+        T* pd = dt + n * sd.n + p * sd.p;
+        for (int64_t j = 0; j < C; j += W) {
+          Vectorized<A> s0, s1;
+          const int64_t count = std::min(W, C - j);
+          if constexpr (kFromX) load(s + n * C + j, s0, s1, count);
+          step(pg + j, py + j, RES ? pr + j : nullptr, pd + j, count, s0, s1);
+        }
+      });
+    });
+    return;
+  }
+  at::parallel_for(0, G * C, std::max<int64_t>(1, kGrain / P), [&](int64_t i0, int64_t i1) {
+    for_rows(n0, C, i0, i1, [&](int64_t n, int64_t c) {
+      const A scale = s[n * C + c];
+      const T *pg = g + n * sg.n + c * sg.c, *py = y + n * sy.n + c * sy.c;
+      const T* pr = RES ? res + n * sr.n + c * sr.c : nullptr;
+      T* pd = dt + n * sd.n + c * sd.c;
+      if (layout == Layout::kRows) {
+        const Vectorized<A> vs(scale);
+        for (int64_t i = 0; i < P; i += W) step(pg + i, py + i, RES ? pr + i : nullptr, pd + i, std::min(W, P - i), vs, vs);
+        return;
+      }
+      for (int64_t p = 0; p < P; ++p) {
+        A u = static_cast<A>(py[p * sy.p]);
+        if constexpr (kFromX) u *= scale;
+        if constexpr (RES) u += static_cast<A>(pr[p * sr.p]);
+        pd[p * sd.p] = static_cast<T>(out_activation_grad<OUT>(static_cast<A>(pg[p * sg.p]), u));
+      }
+    });
+  });
+}
+
+// Calls body(std::integral_constant<int, k>{}) for k = out_act's kernel code (0 none, 1 ReLU, 2 SiLU).
+template <typename Body>
+void with_out_act(OutAct out_act, const Body& body) {
+  switch (out_act) {
+    case OutAct::kRelu: return body(std::integral_constant<int, 1>{});
+    case OutAct::kSilu: return body(std::integral_constant<int, 2>{});
+    default: return body(std::integral_constant<int, 0>{});
+  }
 }
 
 // Calls body(std::bool_constant<b>{}) for a run-time bool b.
@@ -492,9 +633,15 @@ void forward_typed(const ForwardCall& call, const Parameters& params) {
     const Tensor hg = activation(ag, args.act);
     dot_rows<W, A>(hg.data_ptr<A>(), G, R, params.w2.data_ptr<W>(), optional_data<W>(params.b2), C, e + n0 * C);
     gate_out(sg, eg, args.gate);
+    const T* residual = static_cast<const T*>(args.residual);
     with_bool(stream, [&](auto streaming) {
-      scale_channels<false, streaming.value, T, A>(n0, n1, C, P, x, args.x_strides, y, args.y_strides,
-                                                   s.data_ptr<A>(), nullptr);
+      with_out_act(args.out_act, [&](auto out) {
+        with_bool(residual != nullptr, [&](auto has_residual) {
+          scale_channels<false, streaming.value, out.value, has_residual.value, T, A>(
+              n0, n1, C, P, x, args.x_strides, y, args.y_strides, s.data_ptr<A>(), nullptr, residual,
+              args.residual_strides);
+        });
+      });
     });
   }
 }
@@ -505,20 +652,50 @@ void backward_typed(const BackwardCall& call, const Parameters& params, const Te
   using A = Acc<T>;
   const BackwardArgs& args = call.args;
   const int64_t N = args.n, C = args.c, R = args.r, P = args.p;
-  const T* g = static_cast<const T*>(args.grad_y);
   const T* x = static_cast<const T*>(args.x);
   A* de = call.de.data_ptr<A>();  // holds Σ g·x until the MLP backward turns it into de
   A* da = call.da.data_ptr<A>();
   A* dzp = call.dzp.data_ptr<A>();
   Tensor s = at::empty_like(e), dh = at::empty_like(a);
-  const int64_t group = group_size(N, C, P, sizeof(T), 2);
+  gate_out(s, e, args.gate);
+  // With a residual tail, the gradient at its input dt replaces grad_y from here on: written per group
+  // into d_residual (or a scratch tensor when d_residual is not asked for) and re-read from the cache.
+  const bool tail = args.out_act != OutAct::kNone;
+  const T* g = static_cast<const T*>(args.grad_y);
+  Strides3 g_strides = args.g_strides;
+  T* dt = nullptr;
+  Tensor scratch;
+  if (tail) {
+    if (args.d_residual) {
+      dt = static_cast<T*>(args.d_residual), g_strides = args.d_residual_strides;
+    } else {
+      scratch = at::empty_like(call.x);
+      dt = scratch.data_ptr<T>();
+      g_strides = {scratch.stride(0), scratch.stride(1), scratch.size(3) == 1 ? scratch.stride(2) : scratch.stride(3)};
+    }
+  }
+  const int64_t group = group_size(N, C, P, sizeof(T), tail ? 3 : 2);
   const bool stream = N * C * P * static_cast<int64_t>(sizeof(T)) > kStreamBytes;
   for (int64_t n0 = 0; n0 < N; n0 += group) {
     const int64_t n1 = std::min(N, n0 + group), G = n1 - n0;
-    channel_sums<true, T, A>(n0, n1, C, P, g, args.g_strides, x, args.x_strides, de);
+    if (tail) {
+      const bool relu = args.out_act == OutAct::kRelu;
+      const T* u = static_cast<const T*>(relu ? args.y : args.x);
+      const T* residual = static_cast<const T*>(args.residual);
+      with_out_act(args.out_act, [&](auto out) {
+        with_bool(!relu && residual != nullptr, [&](auto has_residual) {
+          if constexpr (out.value != 0) {
+            tail_gradient<out.value, has_residual.value, T, A>(
+                n0, n1, C, P, static_cast<const T*>(args.grad_y), args.g_strides, u, relu ? args.y_strides : args.x_strides,
+                residual, args.residual_strides, s.data_ptr<A>(), dt, g_strides);
+          }
+        });
+      });
+      g = dt;
+    }
+    channel_sums<true, T, A>(n0, n1, C, P, g, g_strides, x, args.x_strides, de);
     Tensor deg = call.de.narrow(0, n0, G), dag = call.da.narrow(0, n0, G);
     Tensor eg = e.narrow(0, n0, G), ag = a.narrow(0, n0, G), sg = s.narrow(0, n0, G), dhg = dh.narrow(0, n0, G);
-    gate_out(sg, eg, args.gate);
     if (args.gate == Gate::kSigmoid) {
       at::sigmoid_backward_out(deg, deg, sg);
     } else {
@@ -533,8 +710,8 @@ void backward_typed(const BackwardCall& call, const Parameters& params, const Te
     axpy_rows<W, A>(da + n0 * R, G, R, params.w1.data_ptr<W>(), C, A(1) / static_cast<A>(P), dzp + n0 * C);
     if (args.dx) {
       with_bool(stream, [&](auto streaming) {
-        scale_channels<true, streaming.value, T, A>(n0, n1, C, P, g, args.g_strides, static_cast<T*>(args.dx),
-                                                    args.dx_strides, s.data_ptr<A>(), dzp);
+        scale_channels<true, streaming.value, 0, false, T, A>(n0, n1, C, P, g, g_strides, static_cast<T*>(args.dx),
+                                                              args.dx_strides, s.data_ptr<A>(), dzp);
       });
     }
   }

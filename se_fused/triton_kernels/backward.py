@@ -3,7 +3,9 @@
 1. ``se_backward_kernel`` (same schedule as the forward): reduce ds = Σ_p g·x per
    (n, c); the last item of a sample runs the MLP backward for it, storing
    de = ds·gate'(e) (N×C), da = (W2ᵀ de)·act'(a) (N×R) and dz/P = (W1ᵀ da)/P;
-   rescale items write dx = g·s + dz/P.
+   rescale items write dx = g·s + dz/P. With the residual tail, g is replaced by the gradient
+   at the tail's input dt = g·out_act'(·), computed in both passes from g and y (ReLU) or
+   x·s + residual (SiLU); the reduce pass writes it as d_residual when asked.
 2. ``se_weight_grad_kernel``: dW2 = deᵀ act(a), db2 = Σ de, dW1 = daᵀ z,
    db1 = Σ da, summed over the batch in a fixed order (deterministic, no atomics).
 """
@@ -30,11 +32,13 @@ from .device import (
     retire,
     scale_chunk,
     sum_partials,
+    tail_grad_tile,
     wait_published,
 )
 from .schedule import (
     ACT_CODES,
     GATE_CODES,
+    OUT_ACT_CODES,
     MAIN_KERNEL_WARPS,
     choose_schedule,
     launch,
@@ -76,29 +80,75 @@ def _excite_backward(
 
 
 @triton.jit
+def _reduce_tail(
+    n, c0, p_start, p_end, C, e_ptr,
+    g_ptr, g_base, stride_gc, stride_gp, x_ptr, x_base, stride_xc, stride_xp,
+    u_ptr, stride_un, stride_uc, stride_up, res_ptr, stride_rn, stride_rc, stride_rp,
+    dres_ptr, stride_dn, stride_dc, stride_dp, acc_ptr,
+    GATE: tl.constexpr, OUT: tl.constexpr, HAS_RES: tl.constexpr, WRITE_DRES: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """Σ_p dt·x per channel over positions [p_start, p_end), dt the gradient at the tail's input
+    (stored as d_residual when WRITE_DRES)."""
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    s = gate(tl.load(e_ptr + n * C + offs_c, mask=mask_c, other=0.0), GATE)
+    acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=acc_ptr.dtype.element_ty)
+    for p0 in range(p_start, p_end, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask = mask_c[:, None] & (offs_p[None, :] < p_end)
+        dt = tail_grad_tile(g_ptr, g_base, stride_gc, stride_gp, u_ptr, n.to(tl.int64) * stride_un, stride_uc,
+                            stride_up, res_ptr, n.to(tl.int64) * stride_rn, stride_rc, stride_rp,
+                            s, offs_c, offs_p, mask, OUT, HAS_RES)
+        if WRITE_DRES:
+            tl.store(dres_ptr + n.to(tl.int64) * stride_dn + offs_c[:, None] * stride_dc + offs_p[None, :] * stride_dp,
+                     dt.to(dres_ptr.dtype.element_ty), mask=mask)
+        x = tl.load(x_ptr + x_base + offs_c[:, None] * stride_xc + offs_p[None, :] * stride_xp,
+                    mask=mask, other=0.0).to(acc.dtype)
+        acc += dt.to(acc.dtype) * x
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
 def _rescale_grad(
     n, c0, p_start, p_end, C, e_ptr, dzp_ptr,
     g_ptr, g_base, stride_gc, stride_gp, dx_ptr, dx_base, stride_dc, stride_dp,
-    GATE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    u_ptr, stride_un, stride_uc, stride_up, res_ptr, stride_rn, stride_rc, stride_rp,
+    GATE: tl.constexpr, OUT: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
+    """dx = dt · gate(e) + dz/P over one item, dt = g (no tail) or the gradient at the tail's input."""
     offs_c = c0 + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     e = tl.load(e_ptr + n * C + offs_c, mask=mask_c, other=0.0)
     dzp = tl.load(dzp_ptr + n * C + offs_c, mask=mask_c, other=0.0, cache_modifier=".cg")
-    scale_chunk(g_ptr, g_base, stride_gc, stride_gp, dx_ptr, dx_base, stride_dc, stride_dp,
-                gate(e, GATE), dzp, c0, p_start, p_end, C, True, BLOCK_C, BLOCK_P)
+    s = gate(e, GATE)
+    if OUT == 0:
+        scale_chunk(g_ptr, g_base, stride_gc, stride_gp, dx_ptr, dx_base, stride_dc, stride_dp,
+                    s, dzp, c0, p_start, p_end, C, g_ptr, 0, 0, 0, True, False, 0, BLOCK_C, BLOCK_P)
+    else:
+        for p0 in range(p_start, p_end, BLOCK_P):
+            offs_p = p0 + tl.arange(0, BLOCK_P)
+            mask = mask_c[:, None] & (offs_p[None, :] < p_end)
+            dt = tail_grad_tile(g_ptr, g_base, stride_gc, stride_gp, u_ptr, n.to(tl.int64) * stride_un, stride_uc,
+                                stride_up, res_ptr, n.to(tl.int64) * stride_rn, stride_rc, stride_rp,
+                                s, offs_c, offs_p, mask, OUT, HAS_RES)
+            tl.store(dx_ptr + dx_base + offs_c[:, None] * stride_dc + offs_p[None, :] * stride_dp,
+                     (dt * s[:, None] + dzp[:, None]).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["N"])
 def se_backward_kernel(
     g_ptr, x_ptr, dx_ptr, w1_ptr, w2_ptr,
     a_ptr, e_ptr, de_ptr, da_ptr, dzp_ptr,
+    u_ptr, res_ptr, dres_ptr,
     partial_ptr, ticket_ptr, counter_ptr, flag_ptr,
     N, C, R, P,
     stride_gn, stride_gc, stride_gp, stride_xn, stride_xc, stride_xp, stride_dn, stride_dc, stride_dp,
+    stride_un, stride_uc, stride_up, stride_rn, stride_rc, stride_rp, stride_tn, stride_tc, stride_tp,
     stride_w1r, stride_w1c, stride_w2c, stride_w2r,
     seg_len, num_segments, items_per_sample, group_size, num_groups, num_tickets,
     ACT: tl.constexpr, GATE: tl.constexpr, WRITE_DX: tl.constexpr,
+    OUT: tl.constexpr, HAS_RES: tl.constexpr, WRITE_DRES: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_CM: tl.constexpr,
 ):
@@ -108,8 +158,14 @@ def se_backward_kernel(
         x_base = n.to(tl.int64) * stride_xn
         for c0 in range(0, C, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
-            sums = reduce_chunk(g_ptr, g_base, stride_gc, stride_gp, x_ptr, x_base, stride_xc, stride_xp,
-                                partial_ptr, c0, 0, P, C, True, BLOCK_C, BLOCK_P)
+            if OUT == 0:
+                sums = reduce_chunk(g_ptr, g_base, stride_gc, stride_gp, x_ptr, x_base, stride_xc, stride_xp,
+                                    partial_ptr, c0, 0, P, C, True, BLOCK_C, BLOCK_P)
+            else:
+                sums = _reduce_tail(n, c0, 0, P, C, e_ptr, g_ptr, g_base, stride_gc, stride_gp,
+                                    x_ptr, x_base, stride_xc, stride_xp, u_ptr, stride_un, stride_uc, stride_up,
+                                    res_ptr, stride_rn, stride_rc, stride_rp, dres_ptr, stride_tn, stride_tc, stride_tp,
+                                    partial_ptr, GATE, OUT, HAS_RES, WRITE_DRES, BLOCK_C, BLOCK_P)
             tl.store(partial_ptr + n * C + offs_c, sums, mask=offs_c < C)
         tl.debug_barrier()
         _excite_backward(n, partial_ptr, 1, C, R, P, w1_ptr, stride_w1r, stride_w1c, w2_ptr, stride_w2c,
@@ -118,7 +174,9 @@ def se_backward_kernel(
             tl.debug_barrier()
             for c0 in range(0, C, BLOCK_C):
                 _rescale_grad(n, c0, 0, P, C, e_ptr, dzp_ptr, g_ptr, g_base, stride_gc, stride_gp,
-                              dx_ptr, n.to(tl.int64) * stride_dn, stride_dc, stride_dp, GATE, BLOCK_C, BLOCK_P)
+                              dx_ptr, n.to(tl.int64) * stride_dn, stride_dc, stride_dp,
+                              u_ptr, stride_un, stride_uc, stride_up, res_ptr, stride_rn, stride_rc, stride_rp,
+                              GATE, OUT, HAS_RES, BLOCK_C, BLOCK_P)
     else:
         ticket = next_ticket(ticket_ptr)
         while ticket < num_tickets:
@@ -132,8 +190,15 @@ def se_backward_kernel(
                 if is_reduce:
                     offs_c = c0 + tl.arange(0, BLOCK_C)
                     x_base = n.to(tl.int64) * stride_xn
-                    sums = reduce_chunk(g_ptr, g_base, stride_gc, stride_gp, x_ptr, x_base, stride_xc, stride_xp,
-                                        partial_ptr, c0, p_start, p_end, C, True, BLOCK_C, BLOCK_P)
+                    if OUT == 0:
+                        sums = reduce_chunk(g_ptr, g_base, stride_gc, stride_gp, x_ptr, x_base, stride_xc, stride_xp,
+                                            partial_ptr, c0, p_start, p_end, C, True, BLOCK_C, BLOCK_P)
+                    else:
+                        sums = _reduce_tail(n, c0, p_start, p_end, C, e_ptr, g_ptr, g_base, stride_gc, stride_gp,
+                                            x_ptr, x_base, stride_xc, stride_xp, u_ptr, stride_un, stride_uc,
+                                            stride_up, res_ptr, stride_rn, stride_rc, stride_rp,
+                                            dres_ptr, stride_tn, stride_tc, stride_tp, partial_ptr,
+                                            GATE, OUT, HAS_RES, WRITE_DRES, BLOCK_C, BLOCK_P)
                     tl.store(partial_ptr + (n * num_segments + seg) * C + offs_c, sums, mask=offs_c < C)
                     if arrive_reduced(counter_ptr, n, items_per_sample):
                         _excite_backward(n, partial_ptr, num_segments, C, R, P, w1_ptr, stride_w1r, stride_w1c,
@@ -145,7 +210,8 @@ def se_backward_kernel(
                     if WRITE_DX:
                         _rescale_grad(n, c0, p_start, p_end, C, e_ptr, dzp_ptr, g_ptr, g_base, stride_gc, stride_gp,
                                       dx_ptr, n.to(tl.int64) * stride_dn, stride_dc, stride_dp,
-                                      GATE, BLOCK_C, BLOCK_P)
+                                      u_ptr, stride_un, stride_uc, stride_up, res_ptr, stride_rn, stride_rc, stride_rp,
+                                      GATE, OUT, HAS_RES, BLOCK_C, BLOCK_P)
                     release_rescaled(counter_ptr, flag_ptr, n, items_per_sample)
             ticket = next_ticket(ticket_ptr)
         retire(ticket_ptr, ticket, num_tickets)
@@ -192,8 +258,10 @@ def se_weight_grad_kernel(
 
 def se_backward(g: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, z: torch.Tensor,
                 a: torch.Tensor, e: torch.Tensor, act: str, gate_name: str, has_b1: bool, has_b2: bool, need_dx: bool,
-                need_weight_grads: bool):
-    """Returns (dx, dw1, db1, dw2, db2), empty tensors for what is not needed; dw1 (R, C), dw2 (C, R)."""
+                need_weight_grads: bool, y: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                out_act: str = "none", need_residual_grad: bool = False):
+    """Returns (dx, dw1, db1, dw2, db2, d_residual), empty tensors for what is not needed; dw1 (R, C),
+    dw2 (C, R). The tail's backward reads y (out_act "relu") or x and the residual ("silu")."""
     n, c, h, w = x.shape
     r, p = w1.shape[0], h * w
     param_dtype = w1.dtype
@@ -204,6 +272,10 @@ def se_backward(g: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Te
         g_strides = spatial_strides(g)
     dx = new_output(None, like=x) if need_dx else x.new_empty((0,))
     dx_strides = spatial_strides(dx) if need_dx else (0, 0, 0)
+    write_dres = need_residual_grad and out_act != "none"
+    d_residual = new_output(None, like=x) if write_dres else x.new_empty((0,))
+    u = y if out_act == "relu" else x  # what the tail's gradient is computed from (with s and the residual)
+    has_res = out_act == "silu" and residual is not None
 
     def param_grad(*shape, needed=True):  # a new tensor each: outputs of an op must not alias
         return new_output(shape if needed and need_weight_grads else (0,), dtype=param_dtype, device=x.device)
@@ -213,7 +285,7 @@ def se_backward(g: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Te
     if n == 0:  # a sum over an empty batch
         for t in (dw1, dw2, db1, db2):
             t.zero_()
-        return dx, dw1, db1, dw2, db2
+        return dx, dw1, db1, dw2, db2, d_residual
     de = new_output((n, c), dtype=z.dtype, device=x.device)
     da = new_output((n, r), dtype=z.dtype, device=x.device)
     dzp = new_output((n, c), dtype=z.dtype, device=x.device)
@@ -226,16 +298,20 @@ def se_backward(g: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Te
     launch(
         se_backward_kernel, (sched.num_programs,),
         g, x, x if not need_dx else dx, w1, w2, a, e, de, da, dzp,
+        x if u is None else u, residual if has_res else x, d_residual if write_dres else x,
         partial, ticket, counters, flags,
-        n, c, r, p, *g_strides, *x_strides, *dx_strides, *w1.stride(), *w2.stride(),
+        n, c, r, p, *g_strides, *x_strides, *dx_strides,
+        *(spatial_strides(u) if u is not None else x_strides), *(spatial_strides(residual) if has_res else x_strides),
+        *(spatial_strides(d_residual) if write_dres else x_strides), *w1.stride(), *w2.stride(),
         sched.seg_len, sched.num_segments, sched.items_per_sample, sched.group_size, sched.num_groups,
         sched.num_tickets,
         ACT=ACT_CODES[act], GATE=GATE_CODES[gate_name], WRITE_DX=need_dx,
+        OUT=OUT_ACT_CODES[out_act], HAS_RES=has_res, WRITE_DRES=write_dres,
         SPLIT=sched.split, BLOCK_C=sched.block_c, BLOCK_P=sched.block_p, BLOCK_R=block_r, BLOCK_CM=block_cm,
         num_warps=MAIN_KERNEL_WARPS,
     )
     if not need_weight_grads:
-        return dx, dw1, db1, dw2, db2
+        return dx, dw1, db1, dw2, db2, d_residual
 
     block_c = min(triton.next_power_of_2(c), 32)  # two 32x32 accumulators: no spills even in float64
     block_r = min(triton.next_power_of_2(r), 32)
@@ -245,4 +321,4 @@ def se_backward(g: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Te
         n, c, r, *dw1.stride(), *dw2.stride(),
         ACT=ACT_CODES[act], HAS_B1=has_b1, HAS_B2=has_b2, BLOCK_C=block_c, BLOCK_R=block_r,
     )
-    return dx, dw1, db1, dw2, db2
+    return dx, dw1, db1, dw2, db2, d_residual

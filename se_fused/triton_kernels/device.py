@@ -59,6 +59,28 @@ def gate_backward(grad, e, GATE: tl.constexpr):
     return d
 
 
+@triton.jit
+def out_activation(t, OUT: tl.constexpr):
+    """out_act of the fused residual tail (OUT: 0 none, 1 ReLU, 2 SiLU); NaN propagates as in eager."""
+    if OUT == 1:
+        t = tl.where(t < 0.0, 0.0, t)
+    elif OUT == 2:
+        t = t * _sigmoid(t)
+    return t
+
+
+@triton.jit
+def out_activation_backward(grad, u, OUT: tl.constexpr):
+    """grad · out_act'(·) from u: y for ReLU (eager's threshold_backward on the output), the
+    activation's input for SiLU."""
+    if OUT == 1:
+        d = tl.where(u > 0.0, grad, 0.0)
+    else:
+        sig = _sigmoid(u)
+        d = grad * (sig * (1.0 + u * (1.0 - sig)))
+    return d
+
+
 # ----------------------------------------------------------------------------- memory passes
 
 
@@ -90,9 +112,10 @@ def scale_chunk(
     src_ptr, src_base, stride_sc, stride_sp,
     out_ptr, out_base, stride_oc, stride_op,
     scale, shift, c0, p_start, p_end, C,
-    HAS_SHIFT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    res_ptr, res_base, stride_rc, stride_rp,
+    HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr, OUT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """out[c, p] = src[c, p] * scale[c] (+ shift[c]) over positions [p_start, p_end)."""
+    """out[c, p] = out_act(src[c, p] * scale[c] (+ shift[c]) (+ res[c, p])) over positions [p_start, p_end)."""
     offs_c = c0 + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     for p0 in range(p_start, p_end, BLOCK_P):
@@ -103,8 +126,34 @@ def scale_chunk(
         vals = vals * scale[:, None]
         if HAS_SHIFT:
             vals += shift[:, None]
+        if HAS_RES:
+            vals += tl.load(res_ptr + res_base + offs_c[:, None] * stride_rc + offs_p[None, :] * stride_rp,
+                            mask=mask, other=0.0).to(scale.dtype)
+        vals = out_activation(vals, OUT)
         tl.store(out_ptr + out_base + offs_c[:, None] * stride_oc + offs_p[None, :] * stride_op,
                  vals.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def tail_grad_tile(
+    g_ptr, g_base, stride_gc, stride_gp,
+    u_ptr, u_base, stride_uc, stride_up,
+    res_ptr, res_base, stride_rc, stride_rp,
+    scale, offs_c, offs_p, mask,
+    OUT: tl.constexpr, HAS_RES: tl.constexpr,
+):
+    """The gradient at the tail's input over one tile: g · out_act'(u), u = y (ReLU: u_ptr is y) or
+    u = x · s + residual (SiLU: u_ptr is x)."""
+    g = tl.load(g_ptr + g_base + offs_c[:, None] * stride_gc + offs_p[None, :] * stride_gp,
+                mask=mask, other=0.0).to(scale.dtype)
+    u = tl.load(u_ptr + u_base + offs_c[:, None] * stride_uc + offs_p[None, :] * stride_up,
+                mask=mask, other=0.0).to(scale.dtype)
+    if OUT == 2:
+        u = u * scale[:, None]
+        if HAS_RES:
+            u += tl.load(res_ptr + res_base + offs_c[:, None] * stride_rc + offs_p[None, :] * stride_rp,
+                         mask=mask, other=0.0).to(scale.dtype)
+    return out_activation_backward(g, u, OUT)
 
 
 @triton.jit

@@ -1,4 +1,5 @@
-"""Fused SE forward in one launch: squeeze, excitation MLP and rescale.
+"""Fused SE forward in one launch: squeeze, excitation MLP and rescale (with the residual tail,
+y = out_act(x · s + residual), in the rescale).
 
 Saves for backward only O(N·C) vectors: z (pooled input), a (fc1 output,
 pre-activation) and e (fc2 output, pre-gate), in the compute dtype (float32,
@@ -30,6 +31,7 @@ from .device import (
 from .schedule import (
     ACT_CODES,
     GATE_CODES,
+    OUT_ACT_CODES,
     MAIN_KERNEL_WARPS,
     choose_schedule,
     launch,
@@ -77,25 +79,29 @@ def _excite(
 def _rescale(
     n, c0, p_start, p_end, C, e_ptr,
     x_ptr, x_base, stride_xc, stride_xp, y_ptr, y_base, stride_yc, stride_yp,
-    GATE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    res_ptr, stride_rn, stride_rc, stride_rp,
+    GATE: tl.constexpr, HAS_RES: tl.constexpr, OUT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
+    """y = out_act(x · gate(e) (+ residual)) over one item."""
     offs_c = c0 + tl.arange(0, BLOCK_C)
     e = tl.load(e_ptr + n * C + offs_c, mask=offs_c < C, other=0.0, cache_modifier=".cg")
     s = gate(e, GATE)
     scale_chunk(x_ptr, x_base, stride_xc, stride_xp, y_ptr, y_base, stride_yc, stride_yp,
-                s, s, c0, p_start, p_end, C, False, BLOCK_C, BLOCK_P)
+                s, s, c0, p_start, p_end, C, res_ptr, n.to(tl.int64) * stride_rn, stride_rc, stride_rp,
+                False, HAS_RES, OUT, BLOCK_C, BLOCK_P)
 
 
 @triton.jit(do_not_specialize=["N"])
 def se_forward_kernel(
-    x_ptr, y_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+    x_ptr, res_ptr, y_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
     z_ptr, a_ptr, e_ptr,
     partial_ptr, ticket_ptr, counter_ptr, flag_ptr,
     N, C, R, P,
-    stride_xn, stride_xc, stride_xp, stride_yn, stride_yc, stride_yp,
+    stride_xn, stride_xc, stride_xp, stride_rn, stride_rc, stride_rp, stride_yn, stride_yc, stride_yp,
     stride_w1r, stride_w1c, stride_w2c, stride_w2r,
     seg_len, num_segments, items_per_sample, group_size, num_groups, num_tickets,
     ACT: tl.constexpr, GATE: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
+    HAS_RES: tl.constexpr, OUT: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_CM: tl.constexpr,
 ):
@@ -116,7 +122,8 @@ def se_forward_kernel(
         tl.debug_barrier()
         for c0 in range(0, C, BLOCK_C):
             _rescale(n, c0, 0, P, C, e_ptr, x_ptr, x_base, stride_xc, stride_xp,
-                     y_ptr, y_base, stride_yc, stride_yp, GATE, BLOCK_C, BLOCK_P)
+                     y_ptr, y_base, stride_yc, stride_yp, res_ptr, stride_rn, stride_rc, stride_rp,
+                     GATE, HAS_RES, OUT, BLOCK_C, BLOCK_P)
     else:
         ticket = next_ticket(ticket_ptr)
         while ticket < num_tickets:
@@ -140,18 +147,22 @@ def se_forward_kernel(
                 else:
                     wait_published(flag_ptr, n)
                     _rescale(n, c0, p_start, p_end, C, e_ptr, x_ptr, x_base, stride_xc, stride_xp,
-                             y_ptr, n.to(tl.int64) * stride_yn, stride_yc, stride_yp, GATE, BLOCK_C, BLOCK_P)
+                             y_ptr, n.to(tl.int64) * stride_yn, stride_yc, stride_yp,
+                             res_ptr, stride_rn, stride_rc, stride_rp, GATE, HAS_RES, OUT, BLOCK_C, BLOCK_P)
                     release_rescaled(counter_ptr, flag_ptr, n, items_per_sample)
             ticket = next_ticket(ticket_ptr)
         retire(ticket_ptr, ticket, num_tickets)
 
 
 def se_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
-               b2: torch.Tensor | None, act: str, gate_name: str):
-    """Returns (y, z, a, e). x: (N, C, H, W) with H, W flattenable; w1 (R, C), w2 (C, R) 2-D views."""
+               b2: torch.Tensor | None, act: str, gate_name: str, residual: torch.Tensor | None = None,
+               out_act: str = "none"):
+    """Returns (y, z, a, e), y = out_act(x * s + residual). x (and residual): (N, C, H, W) with H, W
+    flattenable; w1 (R, C), w2 (C, R) 2-D views."""
     n, c, h, w = x.shape
     r, p = w1.shape[0], h * w
     x_strides = spatial_strides(x)
+    residual_strides = spatial_strides(residual) if residual is not None else x_strides
     y = new_output(None, like=x)
     y_strides = spatial_strides(y)
     compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -168,13 +179,13 @@ def se_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: t
     block_r, block_cm = mlp_blocks(c, r)
     launch(
         se_forward_kernel, (sched.num_programs,),
-        x, y, w1, w1 if b1 is None else b1, w2, w2 if b2 is None else b2,
+        x, x if residual is None else residual, y, w1, w1 if b1 is None else b1, w2, w2 if b2 is None else b2,
         z, a, e, partial, ticket, counters, flags,
-        n, c, r, p, *x_strides, *y_strides, *w1.stride(), *w2.stride(),
+        n, c, r, p, *x_strides, *residual_strides, *y_strides, *w1.stride(), *w2.stride(),
         sched.seg_len, sched.num_segments, sched.items_per_sample, sched.group_size, sched.num_groups,
         sched.num_tickets,
         ACT=ACT_CODES[act], GATE=GATE_CODES[gate_name], HAS_B1=b1 is not None, HAS_B2=b2 is not None,
-        SPLIT=sched.split, BLOCK_C=sched.block_c, BLOCK_P=sched.block_p, BLOCK_R=block_r, BLOCK_CM=block_cm,
+        HAS_RES=residual is not None, OUT=OUT_ACT_CODES[out_act], SPLIT=sched.split, BLOCK_C=sched.block_c, BLOCK_P=sched.block_p, BLOCK_R=block_r, BLOCK_CM=block_cm,
         num_warps=MAIN_KERNEL_WARPS,
     )
     return y, z, a, e

@@ -32,6 +32,7 @@ from ..debug import forced_schedule, record_launch
 
 ACT_CODES = {"relu": 0, "silu": 1}
 GATE_CODES = {"sigmoid": 0, "hard_sigmoid": 1}
+OUT_ACT_CODES = {"none": 0, "relu": 1, "silu": 2}
 
 TILE_ELEMENTS = 4096  # elements a program holds per loop step
 ITEM_ELEMENTS = 16384  # elements per split item: amortises its two atomics and partial-sum store
