@@ -157,7 +157,8 @@ def main() -> None:
 
 
 def _fmt(value, spec):
-    return format(value, spec) if isinstance(value, (int, float)) else (value or "")
+    """A speedup as "1.234x"; empty where there is none (no compiled variant)."""
+    return format(value, spec) + "x" if isinstance(value, (int, float)) else (value or "")
 
 
 def write(out: Path, rows: list[dict], header: str) -> None:
@@ -178,8 +179,8 @@ def write(out: Path, rows: list[dict], header: str) -> None:
                          f"{row['status']} | | | | | |")
             continue
         lines.append(f"| {row['model']} | {row['layout']} | {row['task']} | {row['variant']} | {row['ms']:.2f} | "
-                     f"{row['images_per_s']:.1f} | {_fmt(row['speedup_vs_eager'], '.3f')}x | "
-                     f"{_fmt(row['speedup_vs_compile'], '.3f')}x | {row['se_modules_converted']} | "
+                     f"{row['images_per_s']:.1f} | {_fmt(row['speedup_vs_eager'], '.3f')} | "
+                     f"{_fmt(row['speedup_vs_compile'], '.3f')} | {row['se_modules_converted']} | "
                      f"{row['max_relative_output_diff']:.2e} |")
     (out / "e2e.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -14,13 +14,13 @@ CASES = [(model, backend, device) for backend, device in ALL_BACKEND_DEVICES for
          if not (backend == "triton" and device == "cpu" and model != "mobilenetv3_large_100")]
 
 
-def _converted(model_name, backend, device, seed=0):
+def _converted(model_name, backend, device, seed=0, fuse_residual=False):
     torch.manual_seed(seed)
     model = timm.create_model(model_name, pretrained=False).to(device)
     for m in model.modules():  # timm zero-inits some BN weights, hiding the SE path from the gradients checked
         if isinstance(m, torch.nn.BatchNorm2d):
             torch.nn.init.uniform_(m.weight, 0.5, 1.5)
-    assert se_fused.convert_se_modules(model, backend=backend) > 0
+    assert se_fused.convert_se_modules(model, backend=backend, fuse_residual=fuse_residual) > 0
     return model
 
 
@@ -49,6 +49,25 @@ def test_compile_fullgraph_forward_and_backward(model_name, backend, device):
     ran = {e.name.split(".")[0] for e in prof.events() if e.name.startswith("se_fused::")}
     suffix = "" if backend in ("cpp", "cuda") else f"_{backend}"
     assert ran == {f"se_fused::se_forward{suffix}", f"se_fused::se_backward{suffix}"}, ran
+
+
+TAIL_CASES = [(b, d) for b, d in ALL_BACKEND_DEVICES if (b, d) != ("triton", "cpu")]  # interpreter: too slow
+
+
+@pytest.mark.parametrize("backend,device", TAIL_CASES, ids=[f"{b}-{d}" for b, d in TAIL_CASES])
+def test_compile_fullgraph_with_the_fused_residual_tail(backend, device):
+    """SE-ResNet-18 with fuse_residual=True (generated block classes, residual and out_act through
+    the ops) traces fullgraph forward and backward and computes what it computes eagerly."""
+    torch._dynamo.reset()
+    model = _converted("seresnet18", backend, device, fuse_residual=True).train()
+    assert any(type(m).__name__ == "BasicBlockWithFusedTail" for m in model.modules())
+    x = torch.randn(2, 3, 32, 32, device=device)
+    loss, grads = _forward_backward(model, model, x)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled_loss, compiled_grads = _forward_backward(compiled, model, x)
+    torch.testing.assert_close(compiled_loss, loss, rtol=1e-4, atol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
 def test_compile_with_inductor_keeps_the_ops():
