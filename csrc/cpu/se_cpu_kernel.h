@@ -225,38 +225,48 @@ inline A out_activation_grad(A g, A u) {
   }
 }
 
-// dst[i] = out_act(src[i] * s (+ t) (+ res[i])) over a contiguous row.
-template <bool SHIFT, bool STREAM, int OUT, bool RES, typename T, typename A>
-void scale_row(const T* src, const T* res, T* dst, int64_t n, A s, A t) {
+// The end of a rescale step: v (+ res) through out_act, stored (streaming when STREAM and whole).
+template <bool STREAM, int OUT, bool RES, typename T, typename A>
+SE_ALWAYS_INLINE void finish_step(const T* res, T* dst, Vectorized<A> v0, Vectorized<A> v1, int64_t count) {
+  if constexpr (RES) {
+    Vectorized<A> r0, r1;
+    load(res, r0, r1, count);
+    v0 = v0 + r0, v1 = v1 + r1;
+  }
+  v0 = out_activation<OUT>(v0), v1 = out_activation<OUT>(v1);
+  if (count == kStep<A>) {
+    store_step<STREAM>(dst, v0, v1);
+  } else {
+    store(dst, v0, v1, count);
+  }
+}
+
+// Calls step(i, count) over [0, n) in vector steps, the first one up to the streaming alignment of dst.
+template <bool STREAM, typename A, typename T, typename Step>
+SE_ALWAYS_INLINE void for_steps(const T* dst, int64_t n, const Step& step) {
   constexpr int64_t W = kStep<A>;
-  const Vectorized<A> vs(s), vt(t);
-  const auto step = [&](int64_t i, int64_t count) {
-    Vectorized<A> v0, v1;
-    load(src + i, v0, v1, count);
-    v0 = v0 * vs, v1 = v1 * vs;
-    if constexpr (SHIFT) v0 = v0 + vt, v1 = v1 + vt;
-    if constexpr (RES) {
-      Vectorized<A> r0, r1;
-      load(res + i, r0, r1, count);
-      v0 = v0 + r0, v1 = v1 + r1;
-    }
-    v0 = out_activation<OUT>(v0), v1 = out_activation<OUT>(v1);
-    if (count == W) {
-      store_step<STREAM>(dst + i, v0, v1);
-    } else {
-      store(dst + i, v0, v1, count);
-    }
-  };
   const int64_t head = stream_head<STREAM>(dst, n);
   if (head) step(0, head);
   for (int64_t i = head; i < n; i += W) step(i, std::min(W, n - i));
 }
 
+// dst[i] = out_act(src[i] * s (+ t) (+ res[i])) over a contiguous row.
+template <bool SHIFT, bool STREAM, int OUT, bool RES, typename T, typename A>
+void scale_row(const T* src, const T* res, T* dst, int64_t n, A s, A t) {
+  const Vectorized<A> vs(s), vt(t);
+  for_steps<STREAM, A>(dst, n, [&](int64_t i, int64_t count) {
+    Vectorized<A> v0, v1;
+    load(src + i, v0, v1, count);
+    v0 = v0 * vs, v1 = v1 * vs;
+    if constexpr (SHIFT) v0 = v0 + vt, v1 = v1 + vt;
+    finish_step<STREAM, OUT, RES>(RES ? res + i : res, dst + i, v0, v1, count);
+  });
+}
+
 // dst[j] = out_act(src[j] * s[j] (+ t[j]) (+ res[j])) over one channels_last position.
 template <bool SHIFT, bool STREAM, int OUT, bool RES, typename T, typename A>
 void scale_columns(const T* src, const T* res, T* dst, const A* s, const A* t, int64_t n) {
-  constexpr int64_t W = kStep<A>;
-  const auto step = [&](int64_t j, int64_t count) {
+  for_steps<STREAM, A>(dst, n, [&](int64_t j, int64_t count) {
     Vectorized<A> v0, v1, s0, s1;
     load(src + j, v0, v1, count);
     load(s + j, s0, s1, count);
@@ -266,21 +276,8 @@ void scale_columns(const T* src, const T* res, T* dst, const A* s, const A* t, i
       load(t + j, t0, t1, count);
       v0 = v0 + t0, v1 = v1 + t1;
     }
-    if constexpr (RES) {
-      Vectorized<A> r0, r1;
-      load(res + j, r0, r1, count);
-      v0 = v0 + r0, v1 = v1 + r1;
-    }
-    v0 = out_activation<OUT>(v0), v1 = out_activation<OUT>(v1);
-    if (count == W) {
-      store_step<STREAM>(dst + j, v0, v1);
-    } else {
-      store(dst + j, v0, v1, count);
-    }
-  };
-  const int64_t head = stream_head<STREAM>(dst, n);
-  if (head) step(0, head);
-  for (int64_t j = head; j < n; j += W) step(j, std::min(W, n - j));
+    finish_step<STREAM, OUT, RES>(RES ? res + j : res, dst + j, v0, v1, count);
+  });
 }
 
 // ----------------------------------------------------------------------------- memory passes
