@@ -99,14 +99,13 @@ class SqueezeExciteFunction(torch.autograd.Function):
         ctx.save_for_backward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, z, a, e,
                               y if out_act == "relu" else None, residual)
         ctx.act, ctx.gate, ctx.backend, ctx.out_act = act, gate, backend, out_act
-        ctx.has_residual = residual is not None
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, w1, b1, w2, b2, z, a, e, y, residual = ctx.saved_tensors
         need = ctx.needs_input_grad
-        need_residual = ctx.has_residual and need[8]
+        need_residual = residual is not None and need[8]
         if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
             grads = _differentiable_backward(grad_y, (x, w1, b1, w2, b2, residual), need[:5] + (need_residual,),
                                              ctx.act, ctx.gate, ctx.out_act)
@@ -122,7 +121,7 @@ class SqueezeExciteFunction(torch.autograd.Function):
                 d_residual if need_residual else None, None)
 
 
-def _differentiable_backward(grad_y, inputs, needed, act, gate, out_act="none"):
+def _differentiable_backward(grad_y, inputs, needed, act, gate, out_act):
     """Gradients of the SE function as a graph of PyTorch ops (so they can be differentiated again)."""
     wanted = [t for t, need in zip(inputs, needed) if need]
     with torch.enable_grad():
