@@ -17,7 +17,8 @@ _counters: list["LaunchCount"] = []
 _poison = False
 _forced: dict = {}
 
-SCHEDULE_FIELDS = ("split", "group_size", "num_programs", "block_c", "block_p", "tiles_per_item")
+SCHEDULE_FIELDS = ("split", "group_size", "num_programs", "block_c", "block_p", "tiles_per_item", "mlp_block_r",
+                   "mlp_block_c", "wgrad_block")
 
 
 class LaunchCount:
@@ -87,6 +88,8 @@ def force_schedule(**fields) -> Iterator[None]:
       num_programs:   programs (CUDA: blocks) in the grid (split)
       block_c, block_p, tiles_per_item: Triton tile sizes (the CUDA kernels' tiles follow their
                       thread layout and are not forced)
+      mlp_block_r, mlp_block_c, wgrad_block: the Triton MLP tiles (hidden units per fc1 tile,
+                      channels per fc2 tile, both per weight-gradient tile; each at least 16)
     """
     unknown = set(fields) - set(SCHEDULE_FIELDS)
     if unknown:

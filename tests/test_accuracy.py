@@ -84,7 +84,8 @@ SCHEDULES = [
     dict(split=False, block_c=8, block_p=4),
     dict(split=True, block_c=8, block_p=16, tiles_per_item=1, group_size=1, num_programs=1),
     dict(split=True, block_c=16, block_p=8, tiles_per_item=3, group_size=2, num_programs=3),
-    dict(split=True, block_c=4, block_p=32, tiles_per_item=2, group_size=5, num_programs=64),
+    dict(split=True, block_c=4, block_p=32, tiles_per_item=2, group_size=5, num_programs=64, mlp_block_r=16,
+         mlp_block_c=16),
     dict(split=True, block_c=64, block_p=64, tiles_per_item=1, group_size=3, num_programs=7),
 ]
 
@@ -109,6 +110,15 @@ if ("cuda", "cuda") in BACKEND_DEVICES:  # defined only where it can run: a GPU 
             for case in (Case(300, 48, 7, 7, 12), Case(3, 256, 56, 56, 16), Case(2, 2048, 7, 7, 128)):
                 check_against_reference(case, "cuda", torch.device("cuda"), torch.float16,
                                         channels_last=channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_mlp_tiles(dtype, device):
+    # The MLP as matrix products over a group of samples: 40 samples in one group (3 steps of 16),
+    # 3 fc1 tiles over R = 36, 3 fc2 tiles over C = 40, 2 x 2 weight-gradient tiles summing 3 steps
+    # of 16 samples.
+    with force_schedule(group_size=40, mlp_block_r=16, mlp_block_c=16, wgrad_block=32):
+        check_against_reference(Case(40, 40, 3, 3, 36, "silu"), "triton", device, dtype)
 
 
 def _check_schedule_cases(backend, device, channels_last):

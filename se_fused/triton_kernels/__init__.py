@@ -1,9 +1,9 @@
-"""Triton kernels of the fused SE block: one forward launch, two backward launches.
+"""Triton kernels of the fused SE block: one launch forward, one launch backward.
 
-    device.py    device code: the SE math, memory passes, synchronisation protocol
+    device.py    device code: the SE math, memory passes, MLP products, ticket protocol
     schedule.py  host side: schedule, workspace, launch
     forward.py   se_forward_kernel and its launcher
-    backward.py  se_backward_kernel, se_weight_grad_kernel and their launcher
+    backward.py  se_backward_kernel (weight gradients included) and its launcher
 """
 
 from .backward import se_backward

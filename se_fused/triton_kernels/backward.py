@@ -1,13 +1,15 @@
-"""Fused SE backward in two launches.
+"""Fused SE backward in one launch (the schedule is in schedule.py):
 
-1. ``se_backward_kernel`` (same schedule as the forward): reduce ds = Σ_p g·x per
-   (n, c); the last item of a sample runs the MLP backward for it, storing
-   de = ds·gate'(e) (N×C), da = (W2ᵀ de)·act'(a) (N×R) and dz/P = (W1ᵀ da)/P;
-   rescale items write dx = g·s + dz/P. With the residual tail, g is replaced by the gradient
-   at the tail's input dt = g·out_act'(·), computed in both passes from g and y (ReLU) or
-   x·s + residual (SiLU); the reduce pass writes it as d_residual when asked.
-2. ``se_weight_grad_kernel``: dW2 = deᵀ act(a), db2 = Σ de, dW1 = daᵀ z,
-   db1 = Σ da, summed over the batch in a fixed order (deterministic, no atomics).
+* reduce items: ds = Σ_p g·x per (n, c) partial sums;
+* MLP tiles over a group's samples: M1 (hidden units) da = act'(a) · (de W2) with
+  de = gate'(e) · ds; M2 (channels) stores de and dz/P = (da W1)/P;
+* rescale items: dx = g·s + dz/P;
+* weight-gradient tiles, once every group's MLP tiles are done: dW2 = deᵀ act(a), db2 = Σ de,
+  dW1 = daᵀ z, db1 = Σ da, summed over the batch in a fixed order (deterministic, no atomics on data).
+
+With the residual tail, g is replaced by the gradient at the tail's input dt = g·out_act'(·),
+computed in both memory passes from g and y (ReLU) or x·s + residual (SiLU); the reduce pass
+writes it as d_residual when asked.
 """
 
 from __future__ import annotations
@@ -19,64 +21,135 @@ import triton.language as tl
 from ..debug import new_output
 from ..spec import spatial_strides
 from .device import (
+    PHASE_FC1,
+    PHASE_FC2,
+    PHASE_REDUCE,
+    PHASE_RESCALE,
     activation,
     activation_backward,
-    arrive_reduced,
+    arrive,
+    arrive_last,
     decode_ticket,
     gate,
     gate_backward,
+    load_block,
+    mma,
     next_ticket,
-    publish,
+    partial_sums,
     reduce_chunk,
-    release_rescaled,
     retire,
     scale_chunk,
-    sum_partials,
     tail_grad_tile,
-    wait_published,
+    wait_count,
 )
 from .schedule import (
     ACT_CODES,
+    DOT_MIN,
     GATE_CODES,
+    HALF_TYPES,
     OUT_ACT_CODES,
     MAIN_KERNEL_WARPS,
+    WGRAD_SAMPLES,
     choose_schedule,
     launch,
-    mlp_blocks,
+    uses_interpreter,
     workspace,
 )
 
 
 @triton.jit
-def _excite_backward(
-    n, partial_ptr, num_segments, C, R, P,
-    w1_ptr, stride_w1r, stride_w1c, w2_ptr, stride_w2c, stride_w2r,
-    a_ptr, e_ptr, de_ptr, da_ptr, dzp_ptr,
-    ACT: tl.constexpr, GATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CM: tl.constexpr,
+def _grad_fc1_tile(
+    n0, n1, tile, C, R, num_segments, partial_ptr, e_ptr, a_ptr, w2_ptr, stride_w2c, stride_w2r, da_ptr,
+    ACT: tl.constexpr, GATE: tl.constexpr, HALF_WEIGHTS: tl.constexpr, HALF_AS_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    offs_r = tl.arange(0, BLOCK_R)
+    """da = act'(a) · (de W2) for hidden units [tile·BLOCK_R, +BLOCK_R) of samples [n0, n1),
+    de = gate'(e) · Σ partials."""
+    offs_r = tile * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
-    dh = tl.zeros([BLOCK_R], dtype=de_ptr.dtype.element_ty)
-    for c0 in range(0, C, BLOCK_CM):
-        offs_c = c0 + tl.arange(0, BLOCK_CM)
-        mask_c = offs_c < C
-        ds = sum_partials(partial_ptr, n, num_segments, offs_c, mask_c, C)
-        e = tl.load(e_ptr + n * C + offs_c, mask=mask_c, other=0.0)
-        de = gate_backward(ds, e, GATE)
-        tl.store(de_ptr + n * C + offs_c, de, mask=mask_c)
-        w2 = tl.load(w2_ptr + offs_c[:, None] * stride_w2c + offs_r[None, :] * stride_w2r,
-                     mask=mask_c[:, None] & mask_r[None, :], other=0.0).to(dh.dtype)
-        dh += tl.sum(w2 * de[:, None], axis=0)
-    a = tl.load(a_ptr + n * R + offs_r, mask=mask_r, other=0.0)
-    da = tl.where(mask_r, activation_backward(dh, a, ACT), 0.0)
-    tl.store(da_ptr + n * R + offs_r, da, mask=mask_r)
-    for c0 in range(0, C, BLOCK_CM):
-        offs_c = c0 + tl.arange(0, BLOCK_CM)
-        mask_c = offs_c < C
-        w1 = tl.load(w1_ptr + offs_r[:, None] * stride_w1r + offs_c[None, :] * stride_w1c,
-                     mask=mask_r[:, None] & mask_c[None, :], other=0.0).to(dh.dtype)
-        dz = tl.sum(w1 * da[:, None], axis=0)
-        tl.store(dzp_ptr + n * C + offs_c, dz / P, mask=mask_c)
+    for m0 in range(n0, n1, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < n1
+        dh = tl.zeros([BLOCK_M, BLOCK_R], dtype=da_ptr.dtype.element_ty)
+        for c0 in range(0, C, BLOCK_K):
+            offs_c = c0 + tl.arange(0, BLOCK_K)
+            mask_c = offs_c < C
+            ds = partial_sums(partial_ptr, offs_m, mask_m, num_segments, offs_c, mask_c, C)
+            de = gate_backward(ds, load_block(e_ptr, offs_m, mask_m, C, offs_c, mask_c, 1, False), GATE)
+            w2 = load_block(w2_ptr, offs_c, mask_c, stride_w2c, offs_r, mask_r, stride_w2r, False)
+            dh = mma(de, w2, dh, HALF_WEIGHTS, HALF_AS_FP32)
+        a = load_block(a_ptr, offs_m, mask_m, R, offs_r, mask_r, 1, False)
+        tl.store(da_ptr + offs_m[:, None] * R + offs_r[None, :], activation_backward(dh, a, ACT),
+                 mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def _grad_fc2_tile(
+    n0, n1, tile, C, R, P, num_segments, partial_ptr, e_ptr, da_ptr, w1_ptr, stride_w1r, stride_w1c,
+    de_ptr, dzp_ptr,
+    GATE: tl.constexpr, HALF_WEIGHTS: tl.constexpr, HALF_AS_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """de = gate'(e) · Σ partials and dz/P = (da W1)/P for channels [tile·BLOCK_C, +BLOCK_C) of
+    samples [n0, n1)."""
+    offs_c = tile * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    for m0 in range(n0, n1, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < n1
+        mask = mask_m[:, None] & mask_c[None, :]
+        ds = partial_sums(partial_ptr, offs_m, mask_m, num_segments, offs_c, mask_c, C)
+        de = gate_backward(ds, load_block(e_ptr, offs_m, mask_m, C, offs_c, mask_c, 1, False), GATE)
+        tl.store(de_ptr + offs_m[:, None] * C + offs_c[None, :], de, mask=mask)
+        dz = tl.zeros([BLOCK_M, BLOCK_C], dtype=de_ptr.dtype.element_ty)
+        for r0 in range(0, R, BLOCK_K):
+            offs_r = r0 + tl.arange(0, BLOCK_K)
+            mask_r = offs_r < R
+            da = load_block(da_ptr, offs_m, mask_m, R, offs_r, mask_r, 1, True)
+            w1 = load_block(w1_ptr, offs_r, mask_r, stride_w1r, offs_c, mask_c, stride_w1c, False)
+            dz = mma(da, w1, dz, HALF_WEIGHTS, HALF_AS_FP32)
+        tl.store(dzp_ptr + offs_m[:, None] * C + offs_c[None, :], dz / P, mask=mask)
+
+
+@triton.jit
+def _weight_grad_tile(
+    tile, N, C, R, de_ptr, da_ptr, z_ptr, a_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr,
+    stride_dw1r, stride_dw1c, stride_dw2c, stride_dw2r,
+    ACT: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Channels × hidden units tile `tile` of dW2 = deᵀ act(a) and dW1ᵀ = zᵀ da (with db2, db1 on the
+    first tile row/column), summed over the batch BLOCK_N samples at a time, in order."""
+    r_tiles = tl.cdiv(R, BLOCK)
+    offs_c = (tile // r_tiles) * BLOCK + tl.arange(0, BLOCK)
+    offs_r = (tile % r_tiles) * BLOCK + tl.arange(0, BLOCK)
+    mask_c = offs_c < C
+    mask_r = offs_r < R
+    acc_dtype = de_ptr.dtype.element_ty
+    dw2 = tl.zeros([BLOCK, BLOCK], dtype=acc_dtype)
+    dw1_t = tl.zeros([BLOCK, BLOCK], dtype=acc_dtype)
+    db2 = tl.zeros([BLOCK], dtype=acc_dtype)
+    db1 = tl.zeros([BLOCK], dtype=acc_dtype)
+    for m0 in range(0, N, BLOCK_N):
+        offs_m = m0 + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < N
+        de_t = load_block(de_ptr, offs_c, mask_c, 1, offs_m, mask_m, C, True)
+        h = activation(load_block(a_ptr, offs_m, mask_m, R, offs_r, mask_r, 1, False), ACT)
+        z_t = load_block(z_ptr, offs_c, mask_c, 1, offs_m, mask_m, C, False)
+        da = load_block(da_ptr, offs_m, mask_m, R, offs_r, mask_r, 1, True)
+        dw2 = tl.dot(de_t, h, dw2, input_precision="ieee")
+        dw1_t = tl.dot(z_t, da, dw1_t, input_precision="ieee")
+        db2 += tl.sum(de_t, axis=1)
+        db1 += tl.sum(da, axis=0)
+    mask = mask_c[:, None] & mask_r[None, :]
+    tl.store(dw2_ptr + offs_c[:, None] * stride_dw2c + offs_r[None, :] * stride_dw2r,
+             dw2.to(dw2_ptr.dtype.element_ty), mask=mask)
+    tl.store(dw1_ptr + offs_r[None, :] * stride_dw1r + offs_c[:, None] * stride_dw1c,
+             dw1_t.to(dw1_ptr.dtype.element_ty), mask=mask)
+    if HAS_B2:
+        tl.store(db2_ptr + offs_c, db2.to(db2_ptr.dtype.element_ty), mask=mask_c & (tile % r_tiles == 0))
+    if HAS_B1:
+        tl.store(db1_ptr + offs_r, db1.to(db1_ptr.dtype.element_ty), mask=mask_r & (tile < r_tiles))
 
 
 @triton.jit
@@ -139,57 +212,43 @@ def _rescale_grad(
 @triton.jit(do_not_specialize=["N"])
 def se_backward_kernel(
     g_ptr, x_ptr, dx_ptr, w1_ptr, w2_ptr,
-    a_ptr, e_ptr, de_ptr, da_ptr, dzp_ptr,
-    u_ptr, res_ptr, dres_ptr,
-    partial_ptr, ticket_ptr, counter_ptr, flag_ptr,
+    z_ptr, a_ptr, e_ptr, de_ptr, da_ptr, dzp_ptr,
+    u_ptr, res_ptr, dres_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr,
+    partial_ptr, ticket_ptr, batch_counter_ptr, counter_ptr,
     N, C, R, P,
     stride_gn, stride_gc, stride_gp, stride_xn, stride_xc, stride_xp, stride_dn, stride_dc, stride_dp,
     stride_un, stride_uc, stride_up, stride_rn, stride_rc, stride_rp, stride_tn, stride_tc, stride_tp,
-    stride_w1r, stride_w1c, stride_w2c, stride_w2r,
-    seg_len, num_segments, items_per_sample, group_size, num_groups, num_tickets,
+    stride_w1r, stride_w1c, stride_w2c, stride_w2r, stride_dw1r, stride_dw1c, stride_dw2c, stride_dw2r,
+    item_c, seg_len, num_segments, items_per_sample, group_size, num_groups, fc1_tiles, fc2_tiles, wgrad_tiles,
+    num_tickets,
     ACT: tl.constexpr, GATE: tl.constexpr, WRITE_DX: tl.constexpr,
     OUT: tl.constexpr, HAS_RES: tl.constexpr, WRITE_DRES: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_CM: tl.constexpr,
+    HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, HALF_WEIGHTS: tl.constexpr, HALF_AS_FP32: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_M: tl.constexpr, MLP_BLOCK_R: tl.constexpr, MLP_BLOCK_C: tl.constexpr,
+    WGRAD_BLOCK: tl.constexpr, WGRAD_SAMPLES: tl.constexpr,
 ):
-    if not SPLIT:
-        n = tl.program_id(0)
+    group_items = group_size * items_per_sample
+    mlps_done = num_groups * fc2_tiles  # the batch counter once every group's MLP tiles are done
+    ticket = next_ticket(ticket_ptr)
+    while ticket < num_tickets:
+        phase, g, index = decode_ticket(ticket, group_items, fc1_tiles, fc2_tiles, num_groups)
+        n0 = g * group_size
+        n1 = tl.minimum(n0 + group_size, N)
+        reduced = (n1 - n0) * items_per_sample  # the group's counter once its reduce items are done
+        excited = reduced + fc1_tiles + fc2_tiles  # ... and its MLP tiles
+        n = n0 + index // items_per_sample
+        item = index % items_per_sample
+        seg = item % num_segments
+        c_start = (item // num_segments) * item_c
+        p_start = seg * seg_len
+        p_end = tl.minimum(p_start + seg_len, P)
         g_base = n.to(tl.int64) * stride_gn
         x_base = n.to(tl.int64) * stride_xn
-        for c0 in range(0, C, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            if OUT == 0:
-                sums = reduce_chunk(g_ptr, g_base, stride_gc, stride_gp, x_ptr, x_base, stride_xc, stride_xp,
-                                    partial_ptr, c0, 0, P, C, True, BLOCK_C, BLOCK_P)
-            else:
-                sums = _reduce_tail(n, c0, 0, P, C, e_ptr, g_ptr, g_base, stride_gc, stride_gp,
-                                    x_ptr, x_base, stride_xc, stride_xp, u_ptr, stride_un, stride_uc, stride_up,
-                                    res_ptr, stride_rn, stride_rc, stride_rp, dres_ptr, stride_tn, stride_tc, stride_tp,
-                                    partial_ptr, GATE, OUT, HAS_RES, WRITE_DRES, BLOCK_C, BLOCK_P)
-            tl.store(partial_ptr + n * C + offs_c, sums, mask=offs_c < C)
-        tl.debug_barrier()
-        _excite_backward(n, partial_ptr, 1, C, R, P, w1_ptr, stride_w1r, stride_w1c, w2_ptr, stride_w2c,
-                         stride_w2r, a_ptr, e_ptr, de_ptr, da_ptr, dzp_ptr, ACT, GATE, BLOCK_R, BLOCK_CM)
-        if WRITE_DX:
-            tl.debug_barrier()
-            for c0 in range(0, C, BLOCK_C):
-                _rescale_grad(n, c0, 0, P, C, e_ptr, dzp_ptr, g_ptr, g_base, stride_gc, stride_gp,
-                              dx_ptr, n.to(tl.int64) * stride_dn, stride_dc, stride_dp,
-                              u_ptr, stride_un, stride_uc, stride_up, res_ptr, stride_rn, stride_rc, stride_rp,
-                              GATE, OUT, HAS_RES, BLOCK_C, BLOCK_P)
-    else:
-        ticket = next_ticket(ticket_ptr)
-        while ticket < num_tickets:
-            is_reduce, n, item = decode_ticket(ticket, items_per_sample, group_size, num_groups)
-            seg = item % num_segments
-            c0 = (item // num_segments) * BLOCK_C
-            p_start = seg * seg_len
-            p_end = tl.minimum(p_start + seg_len, P)
-            g_base = n.to(tl.int64) * stride_gn
+        if phase == PHASE_REDUCE:
             if n < N:
-                if is_reduce:
+                for c0 in range(c_start, c_start + item_c, BLOCK_C):
                     offs_c = c0 + tl.arange(0, BLOCK_C)
-                    x_base = n.to(tl.int64) * stride_xn
                     if OUT == 0:
                         sums = reduce_chunk(g_ptr, g_base, stride_gc, stride_gp, x_ptr, x_base, stride_xc, stride_xp,
                                             partial_ptr, c0, p_start, p_end, C, True, BLOCK_C, BLOCK_P)
@@ -200,60 +259,37 @@ def se_backward_kernel(
                                             dres_ptr, stride_tn, stride_tc, stride_tp, partial_ptr,
                                             GATE, OUT, HAS_RES, WRITE_DRES, BLOCK_C, BLOCK_P)
                     tl.store(partial_ptr + (n * num_segments + seg) * C + offs_c, sums, mask=offs_c < C)
-                    if arrive_reduced(counter_ptr, n, items_per_sample):
-                        _excite_backward(n, partial_ptr, num_segments, C, R, P, w1_ptr, stride_w1r, stride_w1c,
-                                         w2_ptr, stride_w2c, stride_w2r, a_ptr, e_ptr, de_ptr, da_ptr, dzp_ptr,
-                                         ACT, GATE, BLOCK_R, BLOCK_CM)
-                        publish(flag_ptr, n)
-                else:
-                    wait_published(flag_ptr, n)
-                    if WRITE_DX:
+                arrive(counter_ptr + g)
+        elif phase == PHASE_FC1:
+            wait_count(counter_ptr + g, reduced)
+            _grad_fc1_tile(n0, n1, index, C, R, num_segments, partial_ptr, e_ptr, a_ptr, w2_ptr, stride_w2c,
+                           stride_w2r, da_ptr, ACT, GATE, HALF_WEIGHTS, HALF_AS_FP32, BLOCK_M, MLP_BLOCK_R, MLP_BLOCK_C)
+            arrive(counter_ptr + g)
+        elif phase == PHASE_FC2:
+            wait_count(counter_ptr + g, reduced + fc1_tiles)
+            _grad_fc2_tile(n0, n1, index, C, R, P, num_segments, partial_ptr, e_ptr, da_ptr, w1_ptr, stride_w1r,
+                           stride_w1c, de_ptr, dzp_ptr, GATE, HALF_WEIGHTS, HALF_AS_FP32, BLOCK_M, MLP_BLOCK_C, MLP_BLOCK_R)
+            arrive(counter_ptr + g)
+            if wgrad_tiles > 0:
+                arrive(batch_counter_ptr)
+        elif phase == PHASE_RESCALE:
+            if n < N:
+                wait_count(counter_ptr + g, excited)
+                if WRITE_DX:
+                    for c0 in range(c_start, c_start + item_c, BLOCK_C):
                         _rescale_grad(n, c0, p_start, p_end, C, e_ptr, dzp_ptr, g_ptr, g_base, stride_gc, stride_gp,
                                       dx_ptr, n.to(tl.int64) * stride_dn, stride_dc, stride_dp,
                                       u_ptr, stride_un, stride_uc, stride_up, res_ptr, stride_rn, stride_rc, stride_rp,
                                       GATE, OUT, HAS_RES, BLOCK_C, BLOCK_P)
-                    release_rescaled(counter_ptr, flag_ptr, n, items_per_sample)
-            ticket = next_ticket(ticket_ptr)
-        retire(ticket_ptr, ticket, num_tickets)
-
-
-@triton.jit(do_not_specialize=["N"])
-def se_weight_grad_kernel(
-    de_ptr, da_ptr, z_ptr, a_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr,
-    N, C, R, stride_dw1r, stride_dw1c, stride_dw2c, stride_dw2r,
-    ACT: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    """Program (i, j) owns channels block i × hidden block j of dW2 and dW1ᵀ."""
-    pid_c = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_c = offs_c < C
-    mask_r = offs_r < R
-    acc_dtype = de_ptr.dtype.element_ty
-    dw2 = tl.zeros([BLOCK_C, BLOCK_R], dtype=acc_dtype)
-    dw1_t = tl.zeros([BLOCK_C, BLOCK_R], dtype=acc_dtype)
-    db2 = tl.zeros([BLOCK_C], dtype=acc_dtype)
-    db1 = tl.zeros([BLOCK_R], dtype=acc_dtype)
-    for n in range(0, N):
-        de = tl.load(de_ptr + n * C + offs_c, mask=mask_c, other=0.0)
-        z = tl.load(z_ptr + n * C + offs_c, mask=mask_c, other=0.0)
-        da = tl.load(da_ptr + n * R + offs_r, mask=mask_r, other=0.0)
-        h = activation(tl.load(a_ptr + n * R + offs_r, mask=mask_r, other=0.0), ACT)
-        dw2 += de[:, None] * h[None, :]
-        dw1_t += z[:, None] * da[None, :]
-        db2 += de
-        db1 += da
-    mask = mask_c[:, None] & mask_r[None, :]
-    tl.store(dw2_ptr + offs_c[:, None] * stride_dw2c + offs_r[None, :] * stride_dw2r,
-             dw2.to(dw2_ptr.dtype.element_ty), mask=mask)
-    tl.store(dw1_ptr + offs_r[None, :] * stride_dw1r + offs_c[:, None] * stride_dw1c,
-             dw1_t.to(dw1_ptr.dtype.element_ty), mask=mask)
-    if HAS_B2:
-        tl.store(db2_ptr + offs_c, db2.to(db2_ptr.dtype.element_ty), mask=mask_c & (pid_r == 0))
-    if HAS_B1:
-        tl.store(db1_ptr + offs_r, db1.to(db1_ptr.dtype.element_ty), mask=mask_r & (pid_c == 0))
+                arrive_last(counter_ptr + g, excited + reduced)
+        else:  # weight gradients
+            wait_count(batch_counter_ptr, mlps_done)
+            _weight_grad_tile(index, N, C, R, de_ptr, da_ptr, z_ptr, a_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr,
+                              stride_dw1r, stride_dw1c, stride_dw2c, stride_dw2r, ACT, HAS_B1, HAS_B2,
+                              WGRAD_BLOCK, WGRAD_SAMPLES)
+            arrive_last(batch_counter_ptr, mlps_done + wgrad_tiles)
+        ticket = next_ticket(ticket_ptr)
+    retire(ticket_ptr, ticket, num_tickets)
 
 
 def se_backward(g: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, z: torch.Tensor,
@@ -290,35 +326,30 @@ def se_backward(g: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Te
     da = new_output((n, r), dtype=z.dtype, device=x.device)
     dzp = new_output((n, c), dtype=z.dtype, device=x.device)
 
-    sched = choose_schedule(n, c, p, x_strides[1] == 1, x.element_size(), x.device)
+    sched = choose_schedule(n, c, r, p, x_strides[1] == 1, x.element_size(), x.device,
+                            weight_grads=need_weight_grads)
     ws = workspace(x.device)
-    ticket, counters, flags = ws.counters(n)
+    ticket, batch_counter, counters = ws.counters(sched.num_groups)
     partial = ws.partial(n * sched.num_segments * c, z.dtype)
-    block_r, block_cm = mlp_blocks(c, r)
     launch(
         se_backward_kernel, (sched.num_programs,),
-        g, x, x if not need_dx else dx, w1, w2, a, e, de, da, dzp,
+        g, x, x if not need_dx else dx, w1, w2, z, a, e, de, da, dzp,
         x if u is None else u, residual if has_res else x, d_residual if write_dres else x,
-        partial, ticket, counters, flags,
+        dw1, db1 if has_b1 else dw1, dw2, db2 if has_b2 else dw2,
+        partial, ticket, batch_counter, counters,
         n, c, r, p, *g_strides, *x_strides, *dx_strides,
         *(spatial_strides(u) if u is not None else x_strides), *(spatial_strides(residual) if has_res else x_strides),
         *(spatial_strides(d_residual) if write_dres else x_strides), *w1.stride(), *w2.stride(),
-        sched.seg_len, sched.num_segments, sched.items_per_sample, sched.group_size, sched.num_groups,
-        sched.num_tickets,
+        *(dw1.stride() if need_weight_grads else (0, 0)), *(dw2.stride() if need_weight_grads else (0, 0)),
+        sched.item_c, sched.seg_len, sched.num_segments, sched.items_per_sample, sched.group_size, sched.num_groups,
+        sched.fc1_tiles, sched.fc2_tiles, sched.wgrad_tiles, sched.num_tickets,
         ACT=ACT_CODES[act], GATE=GATE_CODES[gate_name], WRITE_DX=need_dx,
         OUT=OUT_ACT_CODES[out_act], HAS_RES=has_res, WRITE_DRES=write_dres,
-        SPLIT=sched.split, BLOCK_C=sched.block_c, BLOCK_P=sched.block_p, BLOCK_R=block_r, BLOCK_CM=block_cm,
+        HAS_B1=has_b1, HAS_B2=has_b2, HALF_WEIGHTS=param_dtype in HALF_TYPES,
+        HALF_AS_FP32=uses_interpreter(se_backward_kernel),
+        BLOCK_C=sched.block_c, BLOCK_P=sched.block_p,
+        BLOCK_M=DOT_MIN, MLP_BLOCK_R=sched.mlp_block_r, MLP_BLOCK_C=sched.mlp_block_c,
+        WGRAD_BLOCK=sched.wgrad_block, WGRAD_SAMPLES=WGRAD_SAMPLES,
         num_warps=MAIN_KERNEL_WARPS,
-    )
-    if not need_weight_grads:
-        return dx, dw1, db1, dw2, db2, d_residual
-
-    block_c = min(triton.next_power_of_2(c), 32)  # two 32x32 accumulators: no spills even in float64
-    block_r = min(triton.next_power_of_2(r), 32)
-    launch(
-        se_weight_grad_kernel, (triton.cdiv(c, block_c), triton.cdiv(r, block_r)),
-        de, da, z, a, dw1, dw1 if not has_b1 else db1, dw2, dw2 if not has_b2 else db2,
-        n, c, r, *dw1.stride(), *dw2.stride(),
-        ACT=ACT_CODES[act], HAS_B1=has_b1, HAS_B2=has_b2, BLOCK_C=block_c, BLOCK_R=block_r,
     )
     return dx, dw1, db1, dw2, db2, d_residual

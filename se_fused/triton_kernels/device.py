@@ -1,5 +1,5 @@
 """Device code shared by the forward and backward Triton kernels: the SE math, the two memory
-passes (reduce, scale) and the synchronisation protocol of the split schedule.
+passes (reduce, scale), the MLP's matrix products and the ticket protocol of the schedule.
 
 The schedule and its deadlock-freedom argument are in docs/DESIGN.md §3 and schedule.py.
 Every function here runs inside a kernel; the host side lives in schedule.py.
@@ -157,61 +157,94 @@ def tail_grad_tile(
 
 
 @triton.jit
-def sum_partials(partial_ptr, n, num_segments, offs_c, mask_c, C):
-    """Σ over a sample's segments of the partial sums (fixed order: deterministic).
-
-    `.cg` reads from L2: other programs wrote these, and L1 is not coherent.
-    """
-    total = tl.zeros(offs_c.shape, dtype=partial_ptr.dtype.element_ty)
+def partial_sums(partial_ptr, offs_m, mask_m, num_segments, offs_c, mask_c, C):
+    """[samples, channels] Σ over each sample's segments of the partial sums (fixed order:
+    deterministic). `.cg` reads from L2: other programs wrote these, and L1 is not coherent."""
+    mask = mask_m[:, None] & mask_c[None, :]
+    total = tl.zeros([offs_m.shape[0], offs_c.shape[0]], dtype=partial_ptr.dtype.element_ty)
     for seg in range(0, num_segments):
-        total += tl.load(partial_ptr + (n * num_segments + seg) * C + offs_c, mask=mask_c, other=0.0,
-                         cache_modifier=".cg")
+        total += tl.load(partial_ptr + (offs_m[:, None] * num_segments + seg) * C + offs_c[None, :], mask=mask,
+                         other=0.0, cache_modifier=".cg")
     return total
+
+
+@triton.jit
+def load_block(ptr, offs_i, mask_i, stride_i, offs_j, mask_j, stride_j, FROM_L2: tl.constexpr):
+    """[i, j] block of a matrix with any strides (a transposed view is swapped strides), 0 outside
+    the masks. FROM_L2: written by another program in this launch; `.cg` skips the incoherent L1."""
+    ptrs = ptr + offs_i[:, None] * stride_i + offs_j[None, :] * stride_j
+    mask = mask_i[:, None] & mask_j[None, :]
+    if FROM_L2:
+        return tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def mma(a, w, acc, HALF_WEIGHTS: tl.constexpr, HALF_AS_FP32: tl.constexpr):
+    """acc + a @ w. Half-precision weights: a is rounded to the weights' type (as eager's Linear
+    sees its half-precision input) and the product runs on tensor cores with float32 accumulation;
+    otherwise IEEE products in acc's type (float32 or float64). HALF_AS_FP32 (the interpreter, whose
+    tl.dot mishandles bfloat16): the rounded half operands are multiplied in float32, exactly as
+    tensor cores do."""
+    if HALF_WEIGHTS:
+        a = a.to(w.dtype)
+        if HALF_AS_FP32:
+            return tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(a, w, acc)
+    return tl.dot(a.to(acc.dtype), w.to(acc.dtype), acc, input_precision="ieee")
 
 
 # ----------------------------------------------------------------------------- synchronisation
 
-
-@triton.jit
-def decode_ticket(ticket, items_per_sample, group_size, num_groups):
-    """Ticket -> (is_reduce, sample, item) in the order documented at the top of this file."""
-    group_items = group_size * items_per_sample
-    half = ticket // group_items
-    j = ticket % group_items
-    is_reduce = (half == 0) | ((half % 2 == 1) & ((half + 1) // 2 < num_groups))
-    group = tl.where(is_reduce, (half + 1) // 2, (half - 1) // 2)
-    return is_reduce, group * group_size + j // items_per_sample, j % items_per_sample
+PHASE_REDUCE = tl.constexpr(0)
+PHASE_FC1 = tl.constexpr(1)
+PHASE_FC2 = tl.constexpr(2)
+PHASE_RESCALE = tl.constexpr(3)
+PHASE_WGRAD = tl.constexpr(4)
 
 
 @triton.jit
-def arrive_reduced(counter_ptr, n, items_per_sample):
-    """Count one reduce item of sample n as done; True for the sample's last one."""
-    tl.debug_barrier()  # every thread's partial-sum stores come before the release
-    done = tl.atomic_add(counter_ptr + n, 1, sem="acq_rel")
-    return done == items_per_sample - 1
+def decode_ticket(ticket, group_items, fc1_tiles, fc2_tiles, num_groups):
+    """Ticket -> (phase, group, index within the phase), in the order of schedule.py:
+    R(0) | M1(0) M2(0) R(1) S(0) | ... | M1(G-1) M2(G-1) S(G-1) | weight-gradient tiles."""
+    round_len = fc1_tiles + fc2_tiles + 2 * group_items
+    u = tl.maximum(ticket - group_items, 0)
+    k = u // round_len + 1  # round k runs the MLP and rescale of group k - 1, the reduce of group k
+    o = u % round_len - fc1_tiles - fc2_tiles  # offset past the round's MLP tiles
+    has_reduce = k < num_groups
+    phase = tl.where(o < -fc2_tiles, PHASE_FC1,
+                     tl.where(o < 0, PHASE_FC2, tl.where(has_reduce & (o < group_items), PHASE_REDUCE, PHASE_RESCALE)))
+    group = tl.where(phase == PHASE_REDUCE, k, k - 1)
+    index = tl.where(phase == PHASE_FC1, o + fc1_tiles + fc2_tiles, tl.where(phase == PHASE_FC2, o + fc2_tiles, o))
+    index = tl.where((phase == PHASE_RESCALE) & has_reduce, index - group_items, index)
+    first = ticket < group_items
+    wgrad = ticket >= num_groups * round_len
+    phase = tl.where(first, PHASE_REDUCE, tl.where(wgrad, PHASE_WGRAD, phase))
+    group = tl.where(first | wgrad, 0, group)
+    index = tl.where(first, ticket, tl.where(wgrad, ticket - num_groups * round_len, index))
+    return phase, group, index
 
 
 @triton.jit
-def publish(flag_ptr, n):
-    tl.debug_barrier()  # every thread's stores of the sample's vectors come before the release
-    tl.atomic_xchg(flag_ptr + n, 1, sem="release")
+def arrive(counter_ptr):
+    """Count this program's finished work (release: its stores come first); returns the count before."""
+    tl.debug_barrier()  # every thread's stores come before the release
+    return tl.atomic_add(counter_ptr, 1, sem="acq_rel")
 
 
 @triton.jit
-def wait_published(flag_ptr, n):
-    ready = tl.atomic_add(flag_ptr + n, 0, sem="acquire")
-    while ready == 0:
-        ready = tl.atomic_add(flag_ptr + n, 0, sem="acquire")
+def wait_count(counter_ptr, target):
+    """Spin until the counter reaches target (acquire: what was counted is visible after)."""
+    done = tl.atomic_add(counter_ptr, 0, sem="acquire")
+    while done < target:
+        done = tl.atomic_add(counter_ptr, 0, sem="acquire")
 
 
 @triton.jit
-def release_rescaled(counter_ptr, flag_ptr, n, items_per_sample):
-    """Count one rescale item of sample n as done; the last one resets the sample's counter and flag."""
-    tl.debug_barrier()
-    done = tl.atomic_add(counter_ptr + n, 1, sem="acq_rel")
-    if done == 2 * items_per_sample - 1:
-        tl.atomic_xchg(counter_ptr + n, 0, sem="relaxed")
-        tl.atomic_xchg(flag_ptr + n, 0, sem="relaxed")
+def arrive_last(counter_ptr, total):
+    """arrive(), and the counter's last user (count total) puts it back to zero for the next launch."""
+    if arrive(counter_ptr) == total - 1:
+        tl.atomic_xchg(counter_ptr, 0, sem="relaxed")
 
 
 @triton.jit

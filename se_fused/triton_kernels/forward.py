@@ -1,5 +1,5 @@
 """Fused SE forward in one launch: squeeze, excitation MLP and rescale (with the residual tail,
-y = out_act(x · s + residual), in the rescale).
+y = out_act(x · s + residual), in the rescale); the schedule is in schedule.py.
 
 Saves for backward only O(N·C) vectors: z (pooled input), a (fc1 output,
 pre-activation) and e (fc2 output, pre-gate), in the compute dtype (float32,
@@ -14,65 +14,89 @@ import triton.language as tl
 
 from ..debug import new_output
 from ..spec import spatial_strides
+
 from .device import (
+    PHASE_FC1,
+    PHASE_FC2,
+    PHASE_REDUCE,
     activation,
-    arrive_reduced,
+    arrive,
+    arrive_last,
     decode_ticket,
     gate,
+    load_block,
+    mma,
     next_ticket,
-    publish,
+    partial_sums,
     reduce_chunk,
-    release_rescaled,
     retire,
     scale_chunk,
-    sum_partials,
-    wait_published,
+    wait_count,
 )
 from .schedule import (
     ACT_CODES,
+    DOT_MIN,
     GATE_CODES,
-    OUT_ACT_CODES,
+    HALF_TYPES,
     MAIN_KERNEL_WARPS,
+    OUT_ACT_CODES,
     choose_schedule,
     launch,
-    mlp_blocks,
+    uses_interpreter,
     workspace,
 )
 
 
 @triton.jit
-def _excite(
-    n, partial_ptr, num_segments, C, R, P,
-    w1_ptr, stride_w1r, stride_w1c, b1_ptr, w2_ptr, stride_w2c, stride_w2r, b2_ptr,
-    z_ptr, a_ptr, e_ptr,
-    ACT: tl.constexpr, GATE: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_CM: tl.constexpr,
+def _fc1_tile(
+    n0, n1, tile, C, R, P, num_segments, partial_ptr,
+    w1_ptr, stride_w1r, stride_w1c, b1_ptr, z_ptr, a_ptr,
+    HAS_B1: tl.constexpr, HALF_WEIGHTS: tl.constexpr, HALF_AS_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """z = Σ partials / P, a = W1 z + b1, e = W2 act(a) + b2 for sample n; stores z, a, e."""
-    offs_r = tl.arange(0, BLOCK_R)
+    """a = z W1ᵀ + b1 for hidden units [tile·BLOCK_R, +BLOCK_R) of samples [n0, n1), z = Σ partials / P
+    (tile 0 stores z)."""
+    offs_r = tile * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
-    a = tl.zeros([BLOCK_R], dtype=z_ptr.dtype.element_ty)
-    for c0 in range(0, C, BLOCK_CM):
-        offs_c = c0 + tl.arange(0, BLOCK_CM)
-        mask_c = offs_c < C
-        z = sum_partials(partial_ptr, n, num_segments, offs_c, mask_c, C) / P
-        tl.store(z_ptr + n * C + offs_c, z, mask=mask_c)
-        w1 = tl.load(w1_ptr + offs_r[:, None] * stride_w1r + offs_c[None, :] * stride_w1c,
-                     mask=mask_r[:, None] & mask_c[None, :], other=0.0).to(a.dtype)
-        a += tl.sum(w1 * z[None, :], axis=1)
-    if HAS_B1:
-        a += tl.load(b1_ptr + offs_r, mask=mask_r, other=0.0).to(a.dtype)
-    tl.store(a_ptr + n * R + offs_r, a, mask=mask_r)
-    h = tl.where(mask_r, activation(a, ACT), 0.0)
-    for c0 in range(0, C, BLOCK_CM):
-        offs_c = c0 + tl.arange(0, BLOCK_CM)
-        mask_c = offs_c < C
-        w2 = tl.load(w2_ptr + offs_c[:, None] * stride_w2c + offs_r[None, :] * stride_w2r,
-                     mask=mask_c[:, None] & mask_r[None, :], other=0.0).to(a.dtype)
-        e = tl.sum(w2 * h[None, :], axis=1)
+    for m0 in range(n0, n1, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < n1
+        acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=z_ptr.dtype.element_ty)
+        for c0 in range(0, C, BLOCK_K):
+            offs_c = c0 + tl.arange(0, BLOCK_K)
+            mask_c = offs_c < C
+            z = partial_sums(partial_ptr, offs_m, mask_m, num_segments, offs_c, mask_c, C) / P
+            if tile == 0:
+                tl.store(z_ptr + offs_m[:, None] * C + offs_c[None, :], z, mask=mask_m[:, None] & mask_c[None, :])
+            w1_t = load_block(w1_ptr, offs_c, mask_c, stride_w1c, offs_r, mask_r, stride_w1r, False)
+            acc = mma(z, w1_t, acc, HALF_WEIGHTS, HALF_AS_FP32)
+        if HAS_B1:
+            acc += tl.load(b1_ptr + offs_r, mask=mask_r, other=0.0).to(acc.dtype)[None, :]
+        tl.store(a_ptr + offs_m[:, None] * R + offs_r[None, :], acc, mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def _fc2_tile(
+    n0, n1, tile, C, R, a_ptr, w2_ptr, stride_w2c, stride_w2r, b2_ptr, e_ptr,
+    ACT: tl.constexpr, HAS_B2: tl.constexpr, HALF_WEIGHTS: tl.constexpr, HALF_AS_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """e = act(a) W2ᵀ + b2 for channels [tile·BLOCK_C, +BLOCK_C) of samples [n0, n1)."""
+    offs_c = tile * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    for m0 in range(n0, n1, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < n1
+        acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=e_ptr.dtype.element_ty)
+        for r0 in range(0, R, BLOCK_K):
+            offs_r = r0 + tl.arange(0, BLOCK_K)
+            mask_r = offs_r < R
+            h = activation(load_block(a_ptr, offs_m, mask_m, R, offs_r, mask_r, 1, True), ACT)  # act(0) = 0 off the masks
+            w2_t = load_block(w2_ptr, offs_r, mask_r, stride_w2r, offs_c, mask_c, stride_w2c, False)
+            acc = mma(h, w2_t, acc, HALF_WEIGHTS, HALF_AS_FP32)
         if HAS_B2:
-            e += tl.load(b2_ptr + offs_c, mask=mask_c, other=0.0).to(a.dtype)
-        tl.store(e_ptr + n * C + offs_c, e, mask=mask_c)
+            acc += tl.load(b2_ptr + offs_c, mask=mask_c, other=0.0).to(acc.dtype)[None, :]
+        tl.store(e_ptr + offs_m[:, None] * C + offs_c[None, :], acc, mask=mask_m[:, None] & mask_c[None, :])
 
 
 @triton.jit
@@ -82,7 +106,7 @@ def _rescale(
     res_ptr, stride_rn, stride_rc, stride_rp,
     GATE: tl.constexpr, HAS_RES: tl.constexpr, OUT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """y = out_act(x · gate(e) (+ residual)) over one item."""
+    """y = out_act(x · gate(e) (+ residual)) over one block of channels and a segment of positions."""
     offs_c = c0 + tl.arange(0, BLOCK_C)
     e = tl.load(e_ptr + n * C + offs_c, mask=offs_c < C, other=0.0, cache_modifier=".cg")
     s = gate(e, GATE)
@@ -95,63 +119,59 @@ def _rescale(
 def se_forward_kernel(
     x_ptr, res_ptr, y_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
     z_ptr, a_ptr, e_ptr,
-    partial_ptr, ticket_ptr, counter_ptr, flag_ptr,
+    partial_ptr, ticket_ptr, counter_ptr,
     N, C, R, P,
     stride_xn, stride_xc, stride_xp, stride_rn, stride_rc, stride_rp, stride_yn, stride_yc, stride_yp,
     stride_w1r, stride_w1c, stride_w2c, stride_w2r,
-    seg_len, num_segments, items_per_sample, group_size, num_groups, num_tickets,
+    item_c, seg_len, num_segments, items_per_sample, group_size, num_groups, fc1_tiles, fc2_tiles, num_tickets,
     ACT: tl.constexpr, GATE: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
-    HAS_RES: tl.constexpr, OUT: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_CM: tl.constexpr,
+    HAS_RES: tl.constexpr, OUT: tl.constexpr, HALF_WEIGHTS: tl.constexpr, HALF_AS_FP32: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_M: tl.constexpr, MLP_BLOCK_R: tl.constexpr, MLP_BLOCK_C: tl.constexpr,
 ):
-    if not SPLIT:
-        # One program per sample: reduce, MLP, rescale; the second read of x hits cache.
-        n = tl.program_id(0)
+    group_items = group_size * items_per_sample
+    ticket = next_ticket(ticket_ptr)
+    while ticket < num_tickets:
+        phase, g, index = decode_ticket(ticket, group_items, fc1_tiles, fc2_tiles, num_groups)
+        n0 = g * group_size
+        n1 = tl.minimum(n0 + group_size, N)
+        reduced = (n1 - n0) * items_per_sample  # the group's counter once its reduce items are done
+        excited = reduced + fc1_tiles + fc2_tiles  # ... and its MLP tiles
+        n = n0 + index // items_per_sample
+        item = index % items_per_sample
+        seg = item % num_segments
+        c_start = (item // num_segments) * item_c
+        p_start = seg * seg_len
+        p_end = tl.minimum(p_start + seg_len, P)
         x_base = n.to(tl.int64) * stride_xn
-        y_base = n.to(tl.int64) * stride_yn
-        for c0 in range(0, C, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            sums = reduce_chunk(x_ptr, x_base, stride_xc, stride_xp, x_ptr, x_base, stride_xc, stride_xp,
-                                partial_ptr, c0, 0, P, C, False, BLOCK_C, BLOCK_P)
-            tl.store(partial_ptr + n * C + offs_c, sums, mask=offs_c < C)
-        tl.debug_barrier()
-        _excite(n, partial_ptr, 1, C, R, P, w1_ptr, stride_w1r, stride_w1c, b1_ptr,
-                w2_ptr, stride_w2c, stride_w2r, b2_ptr, z_ptr, a_ptr, e_ptr,
-                ACT, GATE, HAS_B1, HAS_B2, BLOCK_R, BLOCK_CM)
-        tl.debug_barrier()
-        for c0 in range(0, C, BLOCK_C):
-            _rescale(n, c0, 0, P, C, e_ptr, x_ptr, x_base, stride_xc, stride_xp,
-                     y_ptr, y_base, stride_yc, stride_yp, res_ptr, stride_rn, stride_rc, stride_rp,
-                     GATE, HAS_RES, OUT, BLOCK_C, BLOCK_P)
-    else:
-        ticket = next_ticket(ticket_ptr)
-        while ticket < num_tickets:
-            is_reduce, n, item = decode_ticket(ticket, items_per_sample, group_size, num_groups)
-            seg = item % num_segments
-            c0 = (item // num_segments) * BLOCK_C
-            p_start = seg * seg_len
-            p_end = tl.minimum(p_start + seg_len, P)
-            x_base = n.to(tl.int64) * stride_xn
+        if phase == PHASE_REDUCE:
             if n < N:
-                if is_reduce:
+                for c0 in range(c_start, c_start + item_c, BLOCK_C):
                     offs_c = c0 + tl.arange(0, BLOCK_C)
                     sums = reduce_chunk(x_ptr, x_base, stride_xc, stride_xp, x_ptr, x_base, stride_xc, stride_xp,
                                         partial_ptr, c0, p_start, p_end, C, False, BLOCK_C, BLOCK_P)
                     tl.store(partial_ptr + (n * num_segments + seg) * C + offs_c, sums, mask=offs_c < C)
-                    if arrive_reduced(counter_ptr, n, items_per_sample):
-                        _excite(n, partial_ptr, num_segments, C, R, P, w1_ptr, stride_w1r, stride_w1c, b1_ptr,
-                                w2_ptr, stride_w2c, stride_w2r, b2_ptr, z_ptr, a_ptr, e_ptr,
-                                ACT, GATE, HAS_B1, HAS_B2, BLOCK_R, BLOCK_CM)
-                        publish(flag_ptr, n)
-                else:
-                    wait_published(flag_ptr, n)
+                arrive(counter_ptr + g)
+        elif phase == PHASE_FC1:
+            wait_count(counter_ptr + g, reduced)
+            _fc1_tile(n0, n1, index, C, R, P, num_segments, partial_ptr, w1_ptr, stride_w1r, stride_w1c, b1_ptr,
+                      z_ptr, a_ptr, HAS_B1, HALF_WEIGHTS, HALF_AS_FP32, BLOCK_M, MLP_BLOCK_R, MLP_BLOCK_C)
+            arrive(counter_ptr + g)
+        elif phase == PHASE_FC2:
+            wait_count(counter_ptr + g, reduced + fc1_tiles)
+            _fc2_tile(n0, n1, index, C, R, a_ptr, w2_ptr, stride_w2c, stride_w2r, b2_ptr, e_ptr,
+                      ACT, HAS_B2, HALF_WEIGHTS, HALF_AS_FP32, BLOCK_M, MLP_BLOCK_C, MLP_BLOCK_R)
+            arrive(counter_ptr + g)
+        else:  # rescale
+            if n < N:
+                wait_count(counter_ptr + g, excited)
+                for c0 in range(c_start, c_start + item_c, BLOCK_C):
                     _rescale(n, c0, p_start, p_end, C, e_ptr, x_ptr, x_base, stride_xc, stride_xp,
                              y_ptr, n.to(tl.int64) * stride_yn, stride_yc, stride_yp,
                              res_ptr, stride_rn, stride_rc, stride_rp, GATE, HAS_RES, OUT, BLOCK_C, BLOCK_P)
-                    release_rescaled(counter_ptr, flag_ptr, n, items_per_sample)
-            ticket = next_ticket(ticket_ptr)
-        retire(ticket_ptr, ticket, num_tickets)
+                arrive_last(counter_ptr + g, excited + reduced)
+        ticket = next_ticket(ticket_ptr)
+    retire(ticket_ptr, ticket, num_tickets)
 
 
 def se_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
@@ -172,20 +192,22 @@ def se_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: t
     if n == 0:
         return y, z, a, e
 
-    sched = choose_schedule(n, c, p, x_strides[1] == 1, x.element_size(), x.device)
+    sched = choose_schedule(n, c, r, p, x_strides[1] == 1, x.element_size(), x.device)
     ws = workspace(x.device)
-    ticket, counters, flags = ws.counters(n)
+    ticket, _, counters = ws.counters(sched.num_groups)
     partial = ws.partial(n * sched.num_segments * c, compute_dtype)
-    block_r, block_cm = mlp_blocks(c, r)
     launch(
         se_forward_kernel, (sched.num_programs,),
         x, x if residual is None else residual, y, w1, w1 if b1 is None else b1, w2, w2 if b2 is None else b2,
-        z, a, e, partial, ticket, counters, flags,
+        z, a, e, partial, ticket, counters,
         n, c, r, p, *x_strides, *residual_strides, *y_strides, *w1.stride(), *w2.stride(),
-        sched.seg_len, sched.num_segments, sched.items_per_sample, sched.group_size, sched.num_groups,
-        sched.num_tickets,
+        sched.item_c, sched.seg_len, sched.num_segments, sched.items_per_sample, sched.group_size, sched.num_groups,
+        sched.fc1_tiles, sched.fc2_tiles, sched.num_tickets,
         ACT=ACT_CODES[act], GATE=GATE_CODES[gate_name], HAS_B1=b1 is not None, HAS_B2=b2 is not None,
-        HAS_RES=residual is not None, OUT=OUT_ACT_CODES[out_act], SPLIT=sched.split, BLOCK_C=sched.block_c, BLOCK_P=sched.block_p, BLOCK_R=block_r, BLOCK_CM=block_cm,
+        HAS_RES=residual is not None, OUT=OUT_ACT_CODES[out_act], HALF_WEIGHTS=w1.dtype in HALF_TYPES,
+        HALF_AS_FP32=uses_interpreter(se_forward_kernel),
+        BLOCK_C=sched.block_c, BLOCK_P=sched.block_p,
+        BLOCK_M=DOT_MIN, MLP_BLOCK_R=sched.mlp_block_r, MLP_BLOCK_C=sched.mlp_block_c,
         num_warps=MAIN_KERNEL_WARPS,
     )
     return y, z, a, e

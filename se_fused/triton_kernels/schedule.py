@@ -1,22 +1,29 @@
 """Host side of the Triton kernels: the schedule of one launch, the workspace, the launch itself.
 
-The schedule (docs/DESIGN.md §3). A sample's (C, P) slice, P = H·W, is cut into *items*:
-a block of ``block_c`` channels times a segment of ``seg_len`` positions.
+The schedule (docs/DESIGN.md §3). A sample's (C, P) slice, P = H·W, is cut into *items*: a
+range of ``item_c`` channels (walked in blocks of ``block_c``) times a segment of ``seg_len``
+positions; ``split=False`` makes each sample one item. Samples form groups of ``group_size``.
+Persistent programs take tickets from a global atomic counter; per group g there are
 
-* ``split=False``: one program owns whole samples; it reduces, runs the MLP and
-  rescales with no cross-program synchronisation.
-* ``split=True``: persistent programs take tickets from a global atomic counter.
-  Tickets run through half-phases of ``group_size`` samples' worth of items:
-  ``reduce g0 | reduce g1 | rescale g0 | reduce g2 | rescale g1 | ... | rescale g_last``.
-  A reduce item stores its per-channel partial sums; the last reduce item of a
-  sample (per-sample atomic counter) runs the MLP and raises the sample's flag;
-  rescale items wait for that flag. A waiting program only waits on items with
-  smaller tickets, all claimed by programs that are already running and never
-  wait, so the kernel cannot deadlock whatever the grid size or the GPU.
+* R(g): the reduce items, each storing its per-channel partial sums;
+* M1(g): ``fc1_tiles`` MLP tiles over hidden units, a small matrix product over the group's
+  samples (forward: a = z W1ᵀ + b1; backward: da = act'(a) · (de W2));
+* M2(g): ``fc2_tiles`` MLP tiles over channels (forward: e = act(a) W2ᵀ + b2; backward:
+  de and dz/P = da W1 / P);
+* S(g): the rescale items (y, or dx).
 
-The counters reset themselves (the last user of each puts it back to zero), so a
-call needs no memset launch. Partial sums are summed in a fixed order, so results
-are bitwise deterministic.
+in the ticket order ``R(0) | M1(0) M2(0) R(1) S(0) | M1(1) M2(1) R(2) S(1) | ... | M1 M2 S of the
+last group``, then (backward) ``wgrad_tiles`` weight-gradient tiles, each summing dW1, dW2, db1, db2
+over the batch in a fixed order. One counter per group counts finished work: M1 waits for the
+group's reduce items, M2 for its M1 tiles, S for its M2 tiles; the weight-gradient tiles wait for
+every group's M2 tiles (a global counter). Every wait is on smaller tickets, claimed by programs
+already running whose own waits are on still smaller tickets, so the kernel cannot deadlock,
+whatever the grid size or the GPU. Weights are read once per group and tile, as small matrix
+products (``tl.dot``: tensor cores for half-precision weights).
+
+The counters reset themselves (the last user of each puts it back to zero), so a call needs no
+memset launch. Partial sums and batch sums run in a fixed order: results are bitwise
+deterministic.
 """
 
 from __future__ import annotations
@@ -33,12 +40,15 @@ from ..debug import forced_schedule, record_launch
 ACT_CODES = {"relu": 0, "silu": 1}
 GATE_CODES = {"sigmoid": 0, "hard_sigmoid": 1}
 OUT_ACT_CODES = {"none": 0, "relu": 1, "silu": 2}
+HALF_TYPES = (torch.float16, torch.bfloat16)  # weights whose MLP products run on tensor cores
 
 TILE_ELEMENTS = 4096  # elements a program holds per loop step
 ITEM_ELEMENTS = 16384  # elements per split item: amortises its two atomics and partial-sum store
 SAMPLE_BYTES_PER_PROGRAM = 128 * 1024  # largest sample one program handles alone
 MAIN_KERNEL_WARPS = 8  # 16 tile elements a thread: fewer registers than 4 warps (see tests/compile_for_gpu.py)
 INTERPRETER_SMS = 4  # a small pretend GPU, so the interpreter takes both regimes
+DOT_MIN = 16  # tl.dot needs every dimension >= 16; also the samples per step of an MLP tile (fewest registers)
+WGRAD_SAMPLES = 16  # samples per step of a weight-gradient tile
 
 
 def _next_pow2(v: int) -> int:
@@ -50,11 +60,18 @@ class Schedule:
     split: bool
     block_c: int
     block_p: int
+    item_c: int
     seg_len: int
     num_segments: int
     items_per_sample: int
     group_size: int
     num_groups: int
+    mlp_block_r: int  # hidden units per M1 tile (and per K step of M2)
+    mlp_block_c: int  # channels per M2 tile (and per K step of M1)
+    wgrad_block: int  # channels and hidden units per weight-gradient tile
+    fc1_tiles: int
+    fc2_tiles: int
+    wgrad_tiles: int
     num_tickets: int
     num_programs: int
 
@@ -65,9 +82,16 @@ def resident_programs(device: torch.device) -> int:
     return INTERPRETER_SMS * 4
 
 
-def choose_schedule(n: int, c: int, p: int, channel_contiguous: bool, element_size: int,
-                    device: torch.device) -> Schedule:
-    """Tile sizes and regime for one (N, C, P) problem (``debug.force_schedule`` overrides them)."""
+def l2_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).L2_cache_size
+    return None
+
+
+def choose_schedule(n: int, c: int, r: int, p: int, channel_contiguous: bool, element_size: int,
+                    device: torch.device, weight_grads: bool = False) -> Schedule:
+    """Tile sizes and regime for one (N, C, R, P) problem (``debug.force_schedule`` overrides them).
+    ``weight_grads``: the backward's weight-gradient tiles are part of the launch."""
     forced = forced_schedule()
     if channel_contiguous:
         block_c = forced.get("block_c", min(_next_pow2(c), 128))
@@ -77,20 +101,36 @@ def choose_schedule(n: int, c: int, p: int, channel_contiguous: bool, element_si
         block_c = forced.get("block_c", min(_next_pow2(c), max(1, TILE_ELEMENTS // block_p)))
     programs = forced.get("num_programs", resident_programs(device))
     channel_blocks = triton.cdiv(c, block_c)
-    split = forced.get("split", not (n >= programs and c * p * element_size <= SAMPLE_BYTES_PER_PROGRAM))
-    if not split:
-        return Schedule(False, block_c, block_p, p, 1, channel_blocks, 1, n, 0, n)
-
-    tiles_per_item = forced.get("tiles_per_item", max(1, ITEM_ELEMENTS // (block_c * block_p)))
-    if n * channel_blocks * triton.cdiv(p, block_p * tiles_per_item) < 2 * programs:
-        tiles_per_item = forced.get("tiles_per_item", 1)  # too few items to fill the machine
-    seg_len = block_p * min(tiles_per_item, triton.cdiv(p, block_p))
+    sample_bytes = c * p * element_size
+    split = forced.get("split", not (n >= programs and sample_bytes <= SAMPLE_BYTES_PER_PROGRAM))
+    if split:
+        tiles_per_item = forced.get("tiles_per_item", max(1, ITEM_ELEMENTS // (block_c * block_p)))
+        if n * channel_blocks * triton.cdiv(p, block_p * tiles_per_item) < 2 * programs:
+            tiles_per_item = forced.get("tiles_per_item", 1)  # too few items to fill the machine
+        item_c = block_c
+        seg_len = block_p * min(tiles_per_item, triton.cdiv(p, block_p))
+    else:
+        item_c, seg_len = channel_blocks * block_c, p
     num_segments = triton.cdiv(p, seg_len)
-    items_per_sample = channel_blocks * num_segments
-    group_size = min(n, forced.get("group_size", triton.cdiv(programs, items_per_sample)))
+    items_per_sample = triton.cdiv(c, item_c) * num_segments
+    group_size = triton.cdiv(programs, items_per_sample)  # one wave of reduce items per group
+    l2 = l2_bytes(device)
+    if l2 is not None:  # two groups in flight keep x in half the L2: the rescale re-reads it from there
+        group_size = min(group_size, max(1, l2 // (4 * sample_bytes)))
+    group_size = min(n, forced.get("group_size", group_size))
     num_groups = triton.cdiv(n, group_size)
-    num_tickets = 2 * num_groups * group_size * items_per_sample
-    return Schedule(True, block_c, block_p, seg_len, num_segments, items_per_sample, group_size, num_groups,
+    if device.type == "cuda":  # small tiles: many programs share a group's MLP
+        mlp_block_r, mlp_block_c, wgrad_block = min(32, max(DOT_MIN, _next_pow2(r))), 64, 32
+    else:  # the interpreter: its cost is per operation, not per element, so few, large tiles
+        mlp_block_r, mlp_block_c, wgrad_block = max(DOT_MIN, _next_pow2(r)), 256, 128
+    mlp_block_r = forced.get("mlp_block_r", mlp_block_r)
+    mlp_block_c = forced.get("mlp_block_c", mlp_block_c)
+    wgrad_block = forced.get("wgrad_block", wgrad_block)
+    fc1_tiles, fc2_tiles = triton.cdiv(r, mlp_block_r), triton.cdiv(c, mlp_block_c)
+    wgrad_tiles = triton.cdiv(c, wgrad_block) * triton.cdiv(r, wgrad_block) if weight_grads else 0
+    num_tickets = num_groups * (fc1_tiles + fc2_tiles + 2 * group_size * items_per_sample) + wgrad_tiles
+    return Schedule(split, block_c, block_p, item_c, seg_len, num_segments, items_per_sample, group_size,
+                    num_groups, mlp_block_r, mlp_block_c, wgrad_block, fc1_tiles, fc2_tiles, wgrad_tiles,
                     num_tickets, min(programs, num_tickets))
 
 
@@ -102,14 +142,14 @@ class Workspace:
         self.sync = torch.zeros(0, dtype=torch.int32, device=device)
         self.partials: dict[torch.dtype, torch.Tensor] = {}
 
-    def counters(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(ticket, per-sample counters, per-sample flags), all zero between launches."""
+    def counters(self, num_groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ticket, batch counter, per-group counters), all zero between launches."""
         sync = self.sync  # a local: another thread on this stream may replace self.sync meanwhile
-        capacity = (sync.numel() - 1) // 2
-        if capacity < n:
-            capacity = max(n, 2 * capacity)
-            sync = self.sync = torch.zeros(1 + 2 * capacity, dtype=torch.int32, device=self.device)
-        return sync[:1], sync[1:1 + capacity], sync[1 + capacity:]
+        capacity = sync.numel() - 2
+        if capacity < num_groups:
+            capacity = max(num_groups, 2 * capacity)
+            sync = self.sync = torch.zeros(2 + capacity, dtype=torch.int32, device=self.device)
+        return sync[:1], sync[1:2], sync[2:2 + capacity]
 
     def partial(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         buf = self.partials.get(dtype)
@@ -157,10 +197,3 @@ def launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
             kernel[grid](*args, **meta)
     else:
         kernel[grid](*args, **meta)
-
-
-def mlp_blocks(c: int, r: int) -> tuple[int, int]:
-    """(BLOCK_R, BLOCK_CM): all of R in registers, C walked in blocks of 2048 weights (16 a thread)."""
-    block_r = _next_pow2(r)
-    block_cm = max(1, min(_next_pow2(c), 2048 // block_r))
-    return block_r, block_cm
