@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything a GPU can tell us, in one run of under 10 minutes (docs/DESIGN.md §7):
 # versions, build against this machine's torch, the test suite on CUDA (compile, export and CUDA
-# graph tests included), compute-sanitizer memcheck + racecheck on a small case, a quick eager /
+# graph tests included), compute-sanitizer memcheck + racecheck + synccheck on a small case, a quick eager /
 # torch.compile / triton / cuda timing with host time per call, and a quick end to end.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]     (default: $OUT, else ./gpu_check_out)
@@ -60,6 +60,8 @@ else
     step sanitizer "sanitizer memcheck" 150 "$out/sanitizer.log" compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/sanitizer_case.py
     step sanitizer "sanitizer racecheck" 150 "$scratch/racecheck.log" compute-sanitizer --tool racecheck --error-exitcode 1 python benchmarks/sanitizer_case.py
     cat "$scratch/racecheck.log" >> "$out/sanitizer.log" 2>/dev/null
+    step sanitizer "sanitizer synccheck" 150 "$scratch/synccheck.log" compute-sanitizer --tool synccheck --error-exitcode 1 python benchmarks/sanitizer_case.py
+    cat "$scratch/synccheck.log" >> "$out/sanitizer.log" 2>/dev/null
     step bench "bench (quick, fp16)" 300 "$scratch/bench.log" python benchmarks/bench_se.py --out "$out" --models seresnet50 efficientnet_b0 --batches 1 64 128 --compile-modes default
     step bench "host time per call" 120 "$scratch/host.log" python benchmarks/host_overhead.py --out "$scratch"
     step e2e "end to end (quick)" 120 "$scratch/e2e.log" python benchmarks/end_to_end.py --quick --no-compile --out "$scratch"

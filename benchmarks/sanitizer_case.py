@@ -1,8 +1,9 @@
 """A small forward + backward through every fused backend on the GPU, for compute-sanitizer.
 
     compute-sanitizer --tool memcheck python benchmarks/sanitizer_case.py
-Both schedules (per-sample and split) run, NCHW and channels_last, odd sizes; the cases and their
-order are those of the first GPU run's memcheck finding (shared/gpu/memcheck_sequence.py).
+Both schedules (per-sample and split) run, NCHW and channels_last, odd sizes; the first cases and
+their order are those of the first GPU run's memcheck finding (shared/gpu/memcheck_sequence.py), the
+last two complete every R mod 4 in float32 (the 16-byte shared read past R that finding came from).
 On a machine without a GPU it runs the CPU backends instead (the check script's dry run).
 """
 
@@ -22,7 +23,7 @@ if device.type == "cpu" and extension_available():
     backends = ["cpp"]
 
 CASES = ((3, 72, 7, 24, torch.float16), (2, 40, 9, 6, torch.float32), (2, 24, 13, 4, torch.bfloat16),
-         (2, 130, 17, 9, torch.bfloat16))
+         (2, 130, 17, 9, torch.bfloat16), (2, 40, 9, 5, torch.float32), (2, 40, 9, 7, torch.float32))
 
 torch.manual_seed(0)
 for backend, split, memory_format in itertools.product(backends, (False, True),

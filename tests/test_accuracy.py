@@ -86,7 +86,8 @@ SCHEDULES = [
     dict(split=True, block_c=16, block_p=8, tiles_per_item=3, group_size=2, num_programs=3),
     dict(split=True, block_c=4, block_p=32, tiles_per_item=2, group_size=5, num_programs=64, mlp_block_r=16,
          mlp_block_c=16),
-    dict(split=True, block_c=64, block_p=64, tiles_per_item=1, group_size=3, num_programs=7),
+    dict(split=True, block_c=64, block_p=64, tiles_per_item=1, group_size=3, num_programs=7, mlp_block_r=32,
+         mlp_block_c=64, wgrad_block=32),  # the MLP tiles a GPU takes
 ]
 
 

@@ -39,6 +39,21 @@ struct alignas(sizeof(T) * V) Pack {
   T v[V];
 };
 
+// A 16-byte pack stored with one st.global.v4: from a pack just assembled element by element, nvcc
+// otherwise emits four 4-byte stores (seen in the unrolled rescale's SASS).
+template <typename T, int V>
+__device__ __forceinline__ void store_raw(T* p, const Pack<T, V>& pk) {
+  if constexpr (sizeof(Pack<T, V>) == 16) {
+    uint32_t w[4];
+    memcpy(w, &pk, 16);
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(__cvta_generic_to_global(p)), "r"(w[0]),
+                 "r"(w[1]), "r"(w[2]), "r"(w[3])
+                 : "memory");
+  } else {
+    *reinterpret_cast<Pack<T, V>*>(p) = pk;
+  }
+}
+
 template <typename T, int V, typename A>
 __device__ __forceinline__ void load_pack(const T* p, A (&out)[V]) {
   const Pack<T, V> pk = *reinterpret_cast<const Pack<T, V>*>(p);
@@ -137,21 +152,38 @@ __device__ void reduce_item(SampleView<const T> a, SampleView<const T> b, int64_
 
 // out[c, p] = src[c, p] * gate(e[c]) (+ shift[c]) for c in [c0, c1), p in [p0, p1).
 // e and shift were written by other blocks in this launch: read through L2 (__ldcg).
+// Each thread issues kUnroll independent 16-byte loads before its first store: src and out are
+// not known not to alias, so a load → store → load loop keeps one load in flight per thread.
 template <typename T, typename A, int V, bool CH_INNER>
 __device__ void rescale_item(SampleView<const T> src, SampleView<T> out, const A* e, const A* shift, Gate gate,
                              int64_t c0, int64_t c1, int64_t p0, int64_t p1) {
+  constexpr int kUnroll = 4;
+  // positions [p, p + kUnroll * step) of channels [c, c + V): loads first, then the stores
+  const auto scale_positions = [&](int64_t c, int64_t p, int64_t step, const A (&s)[V], const A (&add)[V]) {
+    Pack<T, V> raw[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (p + u * step < p1) raw[u] = *reinterpret_cast<const Pack<T, V>*>(src.at(c, p + u * step));
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (p + u * step < p1) {
+        Pack<T, V> result;
+#pragma unroll
+        for (int i = 0; i < V; ++i) from_acc(to_acc(raw[u].v[i]) * s[i] + add[i], result.v[i]);
+        store_raw<T, V>(out.at(c, p + u * step), result);
+      }
+    }
+  };
   if constexpr (!CH_INNER) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     for (int64_t c = c0 + warp; c < c1; c += kWarps) {
-      const A s = gate_fn(__ldcg(e + c), gate);
-      const A add = shift ? __ldcg(shift + c) : A(0);
-      for (int64_t p = p0 + lane * V; p < p1; p += 32 * V) {
-        A v[V];
-        load_pack<T, V>(src.at(c, p), v);
+      const A s_c = gate_fn(__ldcg(e + c), gate);
+      const A add_c = shift ? __ldcg(shift + c) : A(0);
+      A s[V], add[V];
 #pragma unroll
-        for (int i = 0; i < V; ++i) v[i] = v[i] * s + add;
-        store_pack<T, V>(out.at(c, p), v);
-      }
+      for (int i = 0; i < V; ++i) s[i] = s_c, add[i] = add_c;
+      for (int64_t p = p0 + lane * V; p < p1; p += kUnroll * 32 * V) scale_positions(c, p, 32 * V, s, add);
     }
   } else {
     constexpr int kLanesC = kBlockChannelsInner / V;
@@ -165,13 +197,7 @@ __device__ void rescale_item(SampleView<const T> src, SampleView<T> out, const A
       s[i] = gate_fn(__ldcg(e + c + i), gate);
       add[i] = shift ? __ldcg(shift + c + i) : A(0);
     }
-    for (int64_t p = p0 + row; p < p1; p += kRows) {
-      A v[V];
-      load_pack<T, V>(src.at(c, p), v);
-#pragma unroll
-      for (int i = 0; i < V; ++i) v[i] = v[i] * s[i] + add[i];
-      store_pack<T, V>(out.at(c, p), v);
-    }
+    for (int64_t p = p0 + row; p < p1; p += kUnroll * kRows) scale_positions(c, p, kRows, s, add);
   }
 }
 
@@ -467,6 +493,14 @@ __global__ void __launch_bounds__(kThreads) se_weight_grad_kernel(BackwardArgs a
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// Bytes of the R shared accumulators, rounded up to 16: nvcc reads the tail of a loop over them
+// (the dz sum of excite_backward) with one 16-byte LDS that may pass element R - 1; without the
+// padding that read leaves the allocation (compute-sanitizer memcheck, first GPU run).
+template <typename A>
+size_t shared_accumulator_bytes(int64_t r) {
+  return static_cast<size_t>((r * static_cast<int64_t>(sizeof(A)) + 15) / 16 * 16);
+}
+
 // Can every tensor in `views` be moved in V-element packs? Needs stride 1 along the
 // contiguous axis, the other strides and the axis length multiples of V, 16-byte bases.
 template <int V>
@@ -496,7 +530,7 @@ cudaError_t forward_typed(const ForwardArgs& args, const CudaSchedule& s, int* s
   constexpr int V = 16 / sizeof(T);
   const bool inner = args.x_strides.c == 1 && args.x_strides.p != 1;
   const bool packed = packable<V>(inner, args.c, args.p, {{args.x, args.x_strides}, {args.y, args.y_strides}});
-  const size_t smem = args.r * sizeof(A);
+  const size_t smem = shared_accumulator_bytes<A>(args.r);
   A* part = static_cast<A*>(partial);
   if (inner) {
     return packed ? launch(se_forward_kernel<T, PT, V, true>, args, s, sync, part, smem, stream)
@@ -515,7 +549,7 @@ cudaError_t backward_typed(const BackwardArgs& args, const CudaSchedule& s, int*
   const bool packed = packable<V>(inner, args.c, args.p,
                                   {{args.grad_y, args.g_strides}, {args.x, args.x_strides},
                                    {args.dx ? args.dx : args.x, args.dx ? args.dx_strides : args.x_strides}});
-  const size_t smem = args.r * sizeof(A);
+  const size_t smem = shared_accumulator_bytes<A>(args.r);
   A* part = static_cast<A*>(partial);
   cudaError_t err;
   if (inner) {
