@@ -129,12 +129,34 @@ LIMITS = [(backend, device, dtype, MAX_HIDDEN[backend][8 if dtype == torch.float
           for backend, device in BACKEND_DEVICES if backend in MAX_HIDDEN for dtype in (torch.float32, torch.float64)]
 
 
-@pytest.mark.parametrize("backend,device,dtype,limit", LIMITS, ids=[f"{b}-{d}-{t}" for b, d, t, _ in LIMITS])
-def test_hidden_width_beyond_the_kernels_limit_is_a_clear_error(backend, device, dtype, limit):
-    """R past what a kernel family holds: a ValueError naming the limit, before any kernel runs."""
-    x = torch.randn(1, 4, 2, 2, device=device, dtype=dtype)
-    w1, w2 = torch.randn(limit + 1, 4, device=device, dtype=dtype), torch.randn(4, limit + 1, device=device, dtype=dtype)
-    with se_fused.count_kernel_launches() as launches, pytest.raises(ValueError, match=f"at most {limit} hidden"):
-        se_fused.squeeze_excite(x, w1, None, w2, None, backend=backend)
-    assert launches.count == 0
-    se_fused.squeeze_excite(x, w1[:limit], None, w2[:, :limit], None, backend=backend)  # the limit itself runs
+if LIMITS:  # defined only where a backend with a limit runs (the CUDA kernels: a GPU)
+
+    @pytest.mark.parametrize("backend,device,dtype,limit", LIMITS, ids=[f"{b}-{d}-{t}" for b, d, t, _ in LIMITS])
+    def test_hidden_width_beyond_the_kernels_limit_is_a_clear_error(backend, device, dtype, limit):
+        """R past what a kernel family holds: a ValueError naming the limit, before any kernel runs."""
+        x = torch.randn(1, 4, 2, 2, device=device, dtype=dtype)
+        w1 = torch.randn(limit + 1, 4, device=device, dtype=dtype)
+        w2 = torch.randn(4, limit + 1, device=device, dtype=dtype)
+        with se_fused.count_kernel_launches() as launches, pytest.raises(ValueError, match=f"at most {limit} hidden"):
+            se_fused.squeeze_excite(x, w1, None, w2, None, backend=backend)
+        assert launches.count == 0
+        se_fused.squeeze_excite(x, w1[:limit], None, w2[:, :limit], None, backend=backend)  # the limit itself runs
+
+
+@pytest.mark.parametrize("device", [d for b, d in BACKEND_DEVICES if b == "triton"])
+def test_triton_tiles_any_hidden_width(device):
+    """The Triton kernels tile R: a width past the CUDA kernels' limit gives the PyTorch backend's result."""
+    r = MAX_HIDDEN["cuda"][4] + 1
+    gen = torch.Generator().manual_seed(6)
+    x, g = torch.randn(2, 4, 2, 2, generator=gen).to(device), torch.randn(2, 4, 2, 2, generator=gen).to(device)
+    w1, w2 = torch.randn(r, 4, generator=gen).to(device) / 2, torch.randn(4, r, generator=gen).to(device) / r ** 0.5
+    for name, got, expected in zip(("y", "x.grad", "w1.grad", "w2.grad"), _grads("triton", x, g, w1, w2),
+                                   _grads("torch", x, g, w1, w2)):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _grads(backend, x, g, w1, w2):
+    x, w1, w2 = (t.detach().clone().requires_grad_() for t in (x, w1, w2))
+    y = se_fused.squeeze_excite(x, w1, None, w2, None, backend=backend)
+    y.backward(g)
+    return y.detach(), x.grad, w1.grad, w2.grad

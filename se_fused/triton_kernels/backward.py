@@ -29,10 +29,10 @@ from .device import (
     activation_backward,
     arrive,
     arrive_last,
-    decode_ticket,
     gate,
     gate_backward,
     load_block,
+    locate_work,
     mma,
     next_ticket,
     partial_sums,
@@ -228,21 +228,12 @@ def se_backward_kernel(
     BLOCK_M: tl.constexpr, MLP_BLOCK_R: tl.constexpr, MLP_BLOCK_C: tl.constexpr,
     WGRAD_BLOCK: tl.constexpr, WGRAD_SAMPLES: tl.constexpr,
 ):
-    group_items = group_size * items_per_sample
     mlps_done = num_groups * fc2_tiles  # the batch counter once every group's MLP tiles are done
     ticket = next_ticket(ticket_ptr)
     while ticket < num_tickets:
-        phase, g, index = decode_ticket(ticket, group_items, fc1_tiles, fc2_tiles, num_groups)
-        n0 = g * group_size
-        n1 = tl.minimum(n0 + group_size, N)
-        reduced = (n1 - n0) * items_per_sample  # the group's counter once its reduce items are done
-        excited = reduced + fc1_tiles + fc2_tiles  # ... and its MLP tiles
-        n = n0 + index // items_per_sample
-        item = index % items_per_sample
-        seg = item % num_segments
-        c_start = (item // num_segments) * item_c
-        p_start = seg * seg_len
-        p_end = tl.minimum(p_start + seg_len, P)
+        phase, g, n0, n1, reduced, excited, index, n, seg, c_start, p_start, p_end = locate_work(
+            ticket, N, P, item_c, seg_len, num_segments, items_per_sample, group_size, num_groups,
+            fc1_tiles, fc2_tiles)
         g_base = n.to(tl.int64) * stride_gn
         x_base = n.to(tl.int64) * stride_xn
         if phase == PHASE_REDUCE:
@@ -263,12 +254,14 @@ def se_backward_kernel(
         elif phase == PHASE_FC1:
             wait_count(counter_ptr + g, reduced)
             _grad_fc1_tile(n0, n1, index, C, R, num_segments, partial_ptr, e_ptr, a_ptr, w2_ptr, stride_w2c,
-                           stride_w2r, da_ptr, ACT, GATE, HALF_WEIGHTS, HALF_AS_FP32, BLOCK_M, MLP_BLOCK_R, MLP_BLOCK_C)
+                           stride_w2r, da_ptr, ACT, GATE, HALF_WEIGHTS, HALF_AS_FP32,
+                           BLOCK_M, MLP_BLOCK_R, MLP_BLOCK_C)
             arrive(counter_ptr + g)
         elif phase == PHASE_FC2:
             wait_count(counter_ptr + g, reduced + fc1_tiles)
             _grad_fc2_tile(n0, n1, index, C, R, P, num_segments, partial_ptr, e_ptr, da_ptr, w1_ptr, stride_w1r,
-                           stride_w1c, de_ptr, dzp_ptr, GATE, HALF_WEIGHTS, HALF_AS_FP32, BLOCK_M, MLP_BLOCK_C, MLP_BLOCK_R)
+                           stride_w1c, de_ptr, dzp_ptr, GATE, HALF_WEIGHTS, HALF_AS_FP32,
+                           BLOCK_M, MLP_BLOCK_C, MLP_BLOCK_R)
             arrive(counter_ptr + g)
             if wgrad_tiles > 0:
                 arrive(batch_counter_ptr)

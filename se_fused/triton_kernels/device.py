@@ -226,6 +226,25 @@ def decode_ticket(ticket, group_items, fc1_tiles, fc2_tiles, num_groups):
 
 
 @triton.jit
+def locate_work(ticket, N, P, item_c, seg_len, num_segments, items_per_sample, group_size, num_groups,
+                fc1_tiles, fc2_tiles):
+    """A ticket's work: its phase; its group's samples [n0, n1) and the group counter's value once
+    the group's reduce items are done (`reduced`) and once its MLP tiles are too (`excited`); its index
+    within the phase; for an item, its sample n, segment seg, first channel c_start and positions
+    [p_start, p_end)."""
+    phase, g, index = decode_ticket(ticket, group_size * items_per_sample, fc1_tiles, fc2_tiles, num_groups)
+    n0 = g * group_size
+    n1 = tl.minimum(n0 + group_size, N)
+    reduced = (n1 - n0) * items_per_sample
+    excited = reduced + fc1_tiles + fc2_tiles
+    item = index % items_per_sample
+    seg = item % num_segments
+    p_start = seg * seg_len
+    return (phase, g, n0, n1, reduced, excited, index, n0 + index // items_per_sample, seg,
+            (item // num_segments) * item_c, p_start, tl.minimum(p_start + seg_len, P))
+
+
+@triton.jit
 def arrive(counter_ptr):
     """Count this program's finished work (release: its stores come first); returns the count before."""
     tl.debug_barrier()  # every thread's stores come before the release

@@ -22,9 +22,9 @@ from .device import (
     activation,
     arrive,
     arrive_last,
-    decode_ticket,
     gate,
     load_block,
+    locate_work,
     mma,
     next_ticket,
     partial_sums,
@@ -91,7 +91,8 @@ def _fc2_tile(
         for r0 in range(0, R, BLOCK_K):
             offs_r = r0 + tl.arange(0, BLOCK_K)
             mask_r = offs_r < R
-            h = activation(load_block(a_ptr, offs_m, mask_m, R, offs_r, mask_r, 1, True), ACT)  # act(0) = 0 off the masks
+            # act(0) = 0 off the masks
+            h = activation(load_block(a_ptr, offs_m, mask_m, R, offs_r, mask_r, 1, True), ACT)
             w2_t = load_block(w2_ptr, offs_r, mask_r, stride_w2r, offs_c, mask_c, stride_w2c, False)
             acc = mma(h, w2_t, acc, HALF_WEIGHTS, HALF_AS_FP32)
         if HAS_B2:
@@ -129,20 +130,11 @@ def se_forward_kernel(
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_M: tl.constexpr, MLP_BLOCK_R: tl.constexpr, MLP_BLOCK_C: tl.constexpr,
 ):
-    group_items = group_size * items_per_sample
     ticket = next_ticket(ticket_ptr)
     while ticket < num_tickets:
-        phase, g, index = decode_ticket(ticket, group_items, fc1_tiles, fc2_tiles, num_groups)
-        n0 = g * group_size
-        n1 = tl.minimum(n0 + group_size, N)
-        reduced = (n1 - n0) * items_per_sample  # the group's counter once its reduce items are done
-        excited = reduced + fc1_tiles + fc2_tiles  # ... and its MLP tiles
-        n = n0 + index // items_per_sample
-        item = index % items_per_sample
-        seg = item % num_segments
-        c_start = (item // num_segments) * item_c
-        p_start = seg * seg_len
-        p_end = tl.minimum(p_start + seg_len, P)
+        phase, g, n0, n1, reduced, excited, index, n, seg, c_start, p_start, p_end = locate_work(
+            ticket, N, P, item_c, seg_len, num_segments, items_per_sample, group_size, num_groups,
+            fc1_tiles, fc2_tiles)
         x_base = n.to(tl.int64) * stride_xn
         if phase == PHASE_REDUCE:
             if n < N:

@@ -122,7 +122,7 @@ def choose_schedule(n: int, c: int, r: int, p: int, channel_contiguous: bool, el
     if device.type == "cuda":  # small tiles: many programs share a group's MLP
         mlp_block_r, mlp_block_c, wgrad_block = min(32, max(DOT_MIN, _next_pow2(r))), 64, 32
     else:  # the interpreter: its cost is per operation, not per element, so few, large tiles
-        mlp_block_r, mlp_block_c, wgrad_block = max(DOT_MIN, _next_pow2(r)), 256, 128
+        mlp_block_r, mlp_block_c, wgrad_block = min(128, max(DOT_MIN, _next_pow2(r))), 256, 128
     mlp_block_r = forced.get("mlp_block_r", mlp_block_r)
     mlp_block_c = forced.get("mlp_block_c", mlp_block_c)
     wgrad_block = forced.get("wgrad_block", wgrad_block)
