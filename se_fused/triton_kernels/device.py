@@ -160,11 +160,9 @@ def tail_grad_tile(
 def partial_sums(partial_ptr, offs_m, mask_m, num_segments, offs_c, mask_c, C):
     """[samples, channels] Σ over each sample's segments of the partial sums (fixed order:
     deterministic). `.cg` reads from L2: other programs wrote these, and L1 is not coherent."""
-    mask = mask_m[:, None] & mask_c[None, :]
     total = tl.zeros([offs_m.shape[0], offs_c.shape[0]], dtype=partial_ptr.dtype.element_ty)
-    for seg in range(0, num_segments):
-        total += tl.load(partial_ptr + (offs_m[:, None] * num_segments + seg) * C + offs_c[None, :], mask=mask,
-                         other=0.0, cache_modifier=".cg")
+    for seg in range(0, num_segments):  # sample m's segment seg is row m·num_segments + seg
+        total += load_block(partial_ptr + seg * C, offs_m, mask_m, num_segments * C, offs_c, mask_c, 1, True)
     return total
 
 
