@@ -21,13 +21,19 @@ sys.path.insert(0, {tests!r})
 import se_fused
 from se_reference import Case, check_against_reference
 print("ISA", se_fused.ops._C.cpu_kernel_isa())
+# channels_last paths by channel count against the step width (16 floats for AVX2, 32 for AVX-512):
+# positions packed into a step (C = 3, 4, 8), sums in registers (24, 33), sums through memory (72, 1152)
 cases = [Case(3, 40, 9, 11, 6, "silu", "hard_sigmoid"), Case(2, 72, 7, 7, 24), Case(5, 1, 3, 1, 2, bias=False),
-         Case(2, 1152, 1, 1, 48, "silu"), Case(1, 33, 17, 5, 4, "relu", "hard_sigmoid")]
+         Case(2, 1152, 1, 1, 48, "silu"), Case(1, 33, 17, 5, 4, "relu", "hard_sigmoid"), Case(2, 3, 9, 7, 2),
+         Case(3, 4, 13, 5, 2, "silu"), Case(2, 8, 5, 3, 4), Case(2, 24, 6, 5, 6)]
 with se_fused.poison_outputs():
     for case in cases:
         for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             for channels_last in (False, True):
                 check_against_reference(case, "cpp", torch.device("cpu"), dtype, channels_last=channels_last)
+    for case in cases[5:]:  # the residual tail through the packed and register paths
+        check_against_reference(case, "cpp", torch.device("cpu"), torch.float32, channels_last=True,
+                                out_act="silu", residual=True)
 print("OK")
 """
 
@@ -82,3 +88,13 @@ def test_same_bits_for_any_number_of_threads(shape, channels_last):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("c", [4, 3])
+def test_packed_channels_last_above_the_streaming_size(c):
+    """Few channels, channels_last, an input past the 8 MB where outputs are written with streaming stores:
+    packed steps, aligned (4 channels divide the step) or overlapping (3 do not)."""
+    from se_reference import Case, check_against_reference
+
+    check_against_reference(Case(2, c, 512, 700, 2, "silu"), "cpp", torch.device("cpu"), torch.float32,
+                            channels_last=True)

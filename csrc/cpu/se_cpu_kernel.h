@@ -176,6 +176,92 @@ inline void add_columns(const T* a, const T* b, A* acc, int64_t n) {
   }
 }
 
+// Loads a step at a + i (· b + i) into v0, v1.
+template <bool PRODUCT, typename T, typename A>
+SE_ALWAYS_INLINE void load_product(const T* a, const T* b, int64_t i, int64_t count, Vectorized<A>& v0,
+                                   Vectorized<A>& v1) {
+  load(a + i, v0, v1, count);
+  if constexpr (PRODUCT) {
+    Vectorized<A> b0, b1;
+    load(b + i, b0, b1, count);
+    v0 = v0 * b0, v1 = v1 * b1;
+  }
+}
+
+// acc[c] = Σ_{p < np} a[p · C + c] (· b[p · C + c]) for C <= kStep / 2 channels of densely packed
+// positions: each step reads kStep contiguous elements and counts its first k·C (k whole positions),
+// lane j holding channel j mod C; the lanes past k·C are the next step's and are never folded.
+template <bool PRODUCT, typename T, typename A>
+void packed_column_sums(const T* a, const T* b, int64_t np, int64_t C, A* acc) {
+  constexpr int64_t W = kStep<A>, V = Vectorized<A>::size();
+  const int64_t L = (W / C) * C, n = np * C;
+  Vectorized<A> s0(A(0)), s1(A(0)), s2(A(0)), s3(A(0));
+  int64_t i = 0;
+  for (; i + L + W <= n; i += 2 * L) {  // two independent accumulator pairs
+    Vectorized<A> v0, v1, u0, u1;
+    load_product<PRODUCT>(a, b, i, W, v0, v1);
+    load_product<PRODUCT>(a, b, i + L, W, u0, u1);
+    s0 = s0 + v0, s1 = s1 + v1, s2 = s2 + u0, s3 = s3 + u1;
+  }
+  for (; i < n; i += L) {
+    Vectorized<A> v0, v1;
+    load_product<PRODUCT>(a, b, i, std::min(W, n - i), v0, v1);
+    s0 = s0 + v0, s1 = s1 + v1;
+  }
+  A lanes[W];
+  (s0 + s2).store(lanes), (s1 + s3).store(lanes + V);
+  for (int64_t c = 0; c < C; ++c) {
+    A sum = 0;
+    for (int64_t j = c; j < L; j += C) sum += lanes[j];
+    acc[c] = sum;
+  }
+}
+
+// acc[c] = Σ_{p < np} a[p · pa + c] (· b[p · pb + c]) for c < cols <= NS · kStep, NS vector steps of
+// accumulators kept in registers across positions (through memory, each position would wait on the
+// previous one's store).
+template <int NS, bool PRODUCT, typename T, typename A>
+void register_column_sums(const T* a, int64_t pa, const T* b, int64_t pb, int64_t np, int64_t cols, A* acc) {
+  constexpr int64_t W = kStep<A>;
+  Vectorized<A> s0[NS], s1[NS];
+  for (int k = 0; k < NS; ++k) s0[k] = s1[k] = Vectorized<A>(A(0));
+  for (int64_t p = 0; p < np; ++p) {
+    for (int k = 0; k < NS; ++k) {
+      Vectorized<A> v0, v1;
+      const int64_t j = k * W;
+      if constexpr (PRODUCT) {
+        Vectorized<A> b0, b1;
+        load(a + p * pa + j, v0, v1, std::min(W, cols - j));
+        load(b + p * pb + j, b0, b1, std::min(W, cols - j));
+        v0 = v0 * b0, v1 = v1 * b1;
+      } else {
+        load(a + p * pa + j, v0, v1, std::min(W, cols - j));
+      }
+      s0[k] = s0[k] + v0, s1[k] = s1[k] + v1;
+    }
+  }
+  for (int k = 0; k < NS; ++k) store(acc + k * W, s0[k], s1[k], std::min(W, cols - k * W));
+}
+
+// acc[c] = Σ_{p < np} a[p · pa + c] (· b[p · pb + c]) for c < C: a chunk of positions of one channels_last
+// sample, each sum in position order.
+template <bool PRODUCT, typename T, typename A>
+void column_sums(const T* a, int64_t pa, const T* b, int64_t pb, int64_t np, int64_t C, A* acc) {
+  constexpr int64_t W = kStep<A>;
+  if (C <= W / 2 && pa == C && (!PRODUCT || pb == C)) return packed_column_sums<PRODUCT>(a, b, np, C, acc);
+  if (C > 4 * W) {
+    std::fill(acc, acc + C, A(0));
+    for (int64_t p = 0; p < np; ++p) add_columns<PRODUCT>(a + p * pa, b + p * pb, acc, C);
+    return;
+  }
+  switch ((C + W - 1) / W) {
+    case 1: return register_column_sums<1, PRODUCT>(a, pa, b, pb, np, C, acc);
+    case 2: return register_column_sums<2, PRODUCT>(a, pa, b, pb, np, C, acc);
+    case 3: return register_column_sums<3, PRODUCT>(a, pa, b, pb, np, C, acc);
+    default: return register_column_sums<4, PRODUCT>(a, pa, b, pb, np, C, acc);
+  }
+}
+
 // ----------------------------------------------------------------------------- the residual tail
 // out_act of y = out_act(x * s + residual) (OUT: 0 none, 1 ReLU, 2 SiLU) and the gradient at its input,
 // computed as eager's CPU kernels compute them (NaN and Inf included): ReLU as clamp_min, its
@@ -280,6 +366,42 @@ void scale_columns(const T* src, const T* res, T* dst, const A* s, const A* t, i
   });
 }
 
+// dst[i] = out_act(src[i] * s[i mod C] (+ t[i mod C]) (+ res[i])) over n contiguous elements of whole
+// channels_last positions, C <= kStep / 2: lane j of a step holds channel j mod C, so one pattern of s
+// serves every step. A step advances by the k·C elements of its whole positions; where C does not divide
+// the step width, steps overlap by part of a position and store the same values twice (normal stores).
+template <bool SHIFT, bool STREAM, int OUT, bool RES, typename T, typename A>
+void scale_packed(const T* src, const T* res, T* dst, const A* s, const A* t, int64_t C, int64_t n) {
+  constexpr int64_t W = kStep<A>, V = Vectorized<A>::size();
+  A sp[W], tp[W];
+  for (int64_t j = 0; j < W; ++j) sp[j] = s[j % C], tp[j] = SHIFT ? t[j % C] : A(0);
+  const Vectorized<A> s0 = Vectorized<A>::loadu(sp), s1 = Vectorized<A>::loadu(sp + V);
+  const Vectorized<A> t0 = Vectorized<A>::loadu(tp), t1 = Vectorized<A>::loadu(tp + V);
+  const auto step = [&](auto stream, int64_t i, int64_t count) SE_ALWAYS_INLINE_LAMBDA {
+    Vectorized<A> v0, v1;
+    load(src + i, v0, v1, count);
+    v0 = v0 * s0, v1 = v1 * s1;
+    if constexpr (SHIFT) v0 = v0 + t0, v1 = v1 + t1;
+    finish_step<decltype(stream)::value, OUT, RES>(RES ? res + i : res, dst + i, v0, v1, count);
+  };
+  if (W % C == 0) {
+    const bool aligned = stream_head<STREAM>(dst, n) == 0;  // then every whole step is aligned
+    for (int64_t i = 0; i < n; i += W) {
+      if (aligned) {
+        step(std::bool_constant<STREAM>{}, i, std::min(W, n - i));
+      } else {
+        step(std::false_type{}, i, std::min(W, n - i));
+      }
+    }
+    return;
+  }
+  const int64_t L = (W / C) * C;
+  for (int64_t i = 0;; i += L) {
+    step(std::false_type{}, i, std::min(W, n - i));
+    if (i + W >= n) break;
+  }
+}
+
 // ----------------------------------------------------------------------------- memory passes
 
 // How a pass over two (N, C, P) views walks them: rows of P contiguous positions (NCHW), rows of C
@@ -321,8 +443,8 @@ void channel_sums(int64_t n0, int64_t n1, int64_t C, int64_t P, const T* a, Stri
     at::parallel_for(0, G * chunks, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t n = n0 + i / chunks, p0 = (i % chunks) * chunk, p1 = std::min(P, p0 + chunk);
-        A* acc = partial.data() + i * C;
-        for (int64_t p = p0; p < p1; ++p) add_columns<PRODUCT>(a + n * sa.n + p * sa.p, b + n * sb.n + p * sb.p, acc, C);
+        column_sums<PRODUCT>(a + n * sa.n + p0 * sa.p, sa.p, b + n * sb.n + p0 * sb.p, sb.p, p1 - p0, C,
+                             partial.data() + i * C);
       }
     });
     at::parallel_for(0, G * C, kGrain, [&](int64_t i0, int64_t i1) {
@@ -359,7 +481,19 @@ void scale_channels(int64_t n0, int64_t n1, int64_t C, int64_t P, const T* src, 
   const int64_t G = n1 - n0;
   const Layout layout = RES ? layout_of({ss, sd, sr}, C, P) : layout_of({ss, sd}, C, P);
   if (layout == Layout::kColumns) {
+    const bool packed = C <= kStep<A> / 2 && ss.p == C && sd.p == C && (!RES || sr.p == C);
     at::parallel_for(0, G * P, std::max<int64_t>(1, kGrain / C), [&](int64_t i0, int64_t i1) {
+      if (packed) {  // a sample's positions in this task as one run
+        for (int64_t i = i0; i < i1;) {
+          const int64_t n = n0 + i / P, p = i % P, end = std::min(i1, (i / P + 1) * P);
+          scale_packed<SHIFT, STREAM, OUT, RES>(src + n * ss.n + p * C, RES ? res + n * sr.n + p * C : nullptr,
+                                                dst + n * sd.n + p * C, s + n * C, SHIFT ? t + n * C : s, C,
+                                                (end - i) * C);
+          i = end;
+        }
+        if constexpr (STREAM) fence_streaming_stores();
+        return;
+      }
       for_rows(n0, P, i0, i1, [&](int64_t n, int64_t p) {
         scale_columns<SHIFT, STREAM, OUT, RES>(src + n * ss.n + p * ss.p, RES ? res + n * sr.n + p * sr.p : nullptr,
                                                dst + n * sd.n + p * sd.p, s + n * C, SHIFT ? t + n * C : s, C);
