@@ -61,3 +61,23 @@ def poisoned_outputs():
     """Every buffer a kernel should write starts as NaN, so an unwritten element fails."""
     with se_fused.poison_outputs():
         yield
+
+
+def interpreted(backend: str, device: str) -> bool:
+    """Triton under its CPU interpreter: every kernel operation runs in Python (tens of ms a ticket)."""
+    return backend == "triton" and device == "cpu"
+
+
+def backend_params(cases, combos, case_id, combo_id):
+    """pytest params (case, *combo, (backend, device)) for every case, combo and fused backend here,
+    except that under the Triton interpreter case i runs in combo i mod len(combos) only: each
+    combo still meets several cases, at a fraction of the interpreter's time. A GPU runs them all."""
+    params = []
+    for i, case in enumerate(cases):
+        for j, combo in enumerate(combos):
+            for backend, device in BACKEND_DEVICES:
+                if interpreted(backend, device) and j != i % len(combos):
+                    continue
+                params.append(pytest.param(case, *combo, (backend, torch.device(device)),
+                                           id=f"{backend}-{device}-{case_id(case)}-{combo_id(combo)}"))
+    return params
