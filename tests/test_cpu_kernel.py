@@ -93,7 +93,8 @@ def test_same_bits_for_any_number_of_threads(shape, channels_last):
 @pytest.mark.parametrize("c", [4, 3])
 def test_packed_channels_last_above_the_streaming_size(c):
     """Few channels, channels_last, an input past the 8 MB where outputs are written with streaming stores:
-    packed steps, aligned (4 channels divide the step) or overlapping (3 do not)."""
+    packed steps, streamed (4 channels divide the step, runs start aligned here) or overlapping with normal
+    stores (3 do not)."""
     from se_reference import Case, check_against_reference
 
     check_against_reference(Case(2, c, 512, 700, 2, "silu"), "cpp", torch.device("cpu"), torch.float32,

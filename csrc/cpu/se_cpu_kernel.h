@@ -244,7 +244,7 @@ void register_column_sums(const T* a, int64_t pa, const T* b, int64_t pb, int64_
 }
 
 // acc[c] = Σ_{p < np} a[p · pa + c] (· b[p · pb + c]) for c < C: a chunk of positions of one channels_last
-// sample, each sum in position order.
+// sample, each sum in an order fixed by C and np alone.
 template <bool PRODUCT, typename T, typename A>
 void column_sums(const T* a, int64_t pa, const T* b, int64_t pb, int64_t np, int64_t C, A* acc) {
   constexpr int64_t W = kStep<A>;
@@ -369,7 +369,9 @@ void scale_columns(const T* src, const T* res, T* dst, const A* s, const A* t, i
 // dst[i] = out_act(src[i] * s[i mod C] (+ t[i mod C]) (+ res[i])) over n contiguous elements of whole
 // channels_last positions, C <= kStep / 2: lane j of a step holds channel j mod C, so one pattern of s
 // serves every step. A step advances by the k·C elements of its whole positions; where C does not divide
-// the step width, steps overlap by part of a position and store the same values twice (normal stores).
+// the step width, steps overlap by part of a position and store the same values twice (normal stores; a
+// step re-reads src where the previous one stored, so dst must not alias src or res). Streaming stores only
+// where C divides the step width and the run starts aligned.
 template <bool SHIFT, bool STREAM, int OUT, bool RES, typename T, typename A>
 void scale_packed(const T* src, const T* res, T* dst, const A* s, const A* t, int64_t C, int64_t n) {
   constexpr int64_t W = kStep<A>, V = Vectorized<A>::size();
