@@ -228,15 +228,7 @@ void register_column_sums(const T* a, int64_t pa, const T* b, int64_t pb, int64_
   for (int64_t p = 0; p < np; ++p) {
     for (int k = 0; k < NS; ++k) {
       Vectorized<A> v0, v1;
-      const int64_t j = k * W;
-      if constexpr (PRODUCT) {
-        Vectorized<A> b0, b1;
-        load(a + p * pa + j, v0, v1, std::min(W, cols - j));
-        load(b + p * pb + j, b0, b1, std::min(W, cols - j));
-        v0 = v0 * b0, v1 = v1 * b1;
-      } else {
-        load(a + p * pa + j, v0, v1, std::min(W, cols - j));
-      }
+      load_product<PRODUCT>(a + p * pa, b + p * pb, k * W, std::min(W, cols - k * W), v0, v1);
       s0[k] = s0[k] + v0, s1[k] = s1[k] + v1;
     }
   }
