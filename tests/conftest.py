@@ -63,9 +63,10 @@ def poisoned_outputs():
         yield
 
 
-def interpreted(backend: str, device: str) -> bool:
-    """Triton under its CPU interpreter: every kernel operation runs in Python (tens of ms a ticket)."""
-    return backend == "triton" and device == "cpu"
+def interpreted(backend: str, device) -> bool:
+    """Triton under its CPU interpreter (device: a name or a torch.device): every kernel operation runs in
+    Python (tens of ms a ticket)."""
+    return backend == "triton" and torch.device(device).type == "cpu"
 
 
 def backend_params(cases, combos, case_id, combo_id):

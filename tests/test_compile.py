@@ -6,12 +6,12 @@ import timm
 import torch
 
 import se_fused
-from conftest import ALL_BACKEND_DEVICES
+from conftest import ALL_BACKEND_DEVICES, interpreted
 
 # The interpreter runs Triton kernels in Python: the smallest model only, at a small size.
 MODELS = ["mobilenetv3_large_100", "efficientnet_b0", "seresnet50"]
 CASES = [(model, backend, device) for backend, device in ALL_BACKEND_DEVICES for model in MODELS
-         if not (backend == "triton" and device == "cpu" and model != "mobilenetv3_large_100")]
+         if not (interpreted(backend, device) and model != "mobilenetv3_large_100")]
 
 
 def _converted(model_name, backend, device, seed=0, fuse_residual=False):
@@ -35,7 +35,7 @@ def _forward_backward(run, model, x):
 def test_compile_fullgraph_forward_and_backward(model_name, backend, device):
     torch._dynamo.reset()
     model = _converted(model_name, backend, device).train()
-    size = 16 if backend == "triton" and device == "cpu" else 32  # the interpreter: 1x1 maps at the end
+    size = 16 if interpreted(backend, device) else 32  # the interpreter: 1x1 maps at the end
     x = torch.randn(2, 3, size, size, device=device)
     loss, grads = _forward_backward(model, model, x)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # fake kernels, AOT forward + backward
@@ -51,7 +51,7 @@ def test_compile_fullgraph_forward_and_backward(model_name, backend, device):
     assert ran == {f"se_fused::se_forward{suffix}", f"se_fused::se_backward{suffix}"}, ran
 
 
-TAIL_CASES = [(b, d) for b, d in ALL_BACKEND_DEVICES if (b, d) != ("triton", "cpu")]  # interpreter: too slow
+TAIL_CASES = [(b, d) for b, d in ALL_BACKEND_DEVICES if not interpreted(b, d)]  # interpreter: too slow
 
 
 @pytest.mark.parametrize("backend,device", TAIL_CASES, ids=[f"{b}-{d}" for b, d in TAIL_CASES])

@@ -6,7 +6,7 @@ import torch
 import torchvision
 
 import se_fused
-from conftest import BACKEND_DEVICES
+from conftest import BACKEND_DEVICES, interpreted
 
 # (builder, number of SE modules it holds)
 MODELS = {
@@ -21,7 +21,7 @@ MODELS = {
 
 # SE-ResNet-50 under the Triton interpreter would take minutes; it runs on every other backend.
 CASES = [(name, backend, device) for backend, device in BACKEND_DEVICES for name in MODELS
-         if not (backend == "triton" and device == "cpu" and name == "timm seresnet50")]
+         if not (interpreted(backend, device) and name == "timm seresnet50")]
 
 
 @pytest.mark.parametrize("name,backend,device", CASES, ids=[f"{b}-{d}-{n}" for n, b, d in CASES])

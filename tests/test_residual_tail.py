@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import se_fused
-from conftest import ALL_BACKEND_DEVICES, BACKEND_DEVICES, TRITON_DEVICES
+from conftest import ALL_BACKEND_DEVICES, BACKEND_DEVICES, TRITON_DEVICES, interpreted
 from se_fused.debug import force_schedule
 from se_reference import Case, check_against_reference
 
@@ -18,11 +18,7 @@ INTERPRETER_CASES = [Case(2, 64, 7, 7, 16), Case(3, 24, 9, 5, 4, "silu", "hard_s
 # the interpreted Triton backend takes minutes per gradcheck; its float64 results are checked against
 # the oracle below (test_residual_in_another_layout_and_mixed_precision), and the double backward is
 # the same PyTorch formula on every backend
-COMPILED_BACKEND_DEVICES = [bd for bd in ALL_BACKEND_DEVICES if bd != ("triton", "cpu")]
-
-
-def _interpreted(backend, device) -> bool:
-    return backend == "triton" and device.type == "cpu"
+COMPILED_BACKEND_DEVICES = [bd for bd in ALL_BACKEND_DEVICES if not interpreted(*bd)]
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
@@ -31,7 +27,7 @@ def _interpreted(backend, device) -> bool:
 def test_tail_against_the_oracle(tail, dtype, channels_last, any_backend_device):
     backend, device = any_backend_device
     out_act, residual = tail
-    for case in INTERPRETER_CASES if _interpreted(backend, device) else CASES:
+    for case in INTERPRETER_CASES if interpreted(backend, device) else CASES:
         check_against_reference(case, backend, device, dtype, channels_last=channels_last, out_act=out_act,
                                 residual=residual)
 
