@@ -26,7 +26,11 @@ CPU timing, for a shared, noisy machine: every contender and pass of a configura
 in --rounds interleaved rounds of --calls single-call wall-clock samples; the reported time is
 the minimum over rounds of the per-round medians (p20/p80 over all samples show the spread).
 Inputs rotate over buffers exceeding the last-level cache; a copy of a large buffer is timed
-the same way in the same run; the thread count is reported.
+the same way in the same run; the thread count is reported. By default (--malloc reuse) glibc is told
+to keep freed memory for reuse: otherwise it returns a freed multi-megabyte output to the OS or keeps
+it, depending on the heap's history, and a call whose outputs must be page-faulted in again takes up to
+twice as long — a bimodal cost of the allocator, not of the code measured. The page_faults column
+counts the minor page faults per timed call either way; --malloc default measures the untouched state.
 
 Writes bench.csv, bench.md and bench.png (speedup over eager) into --out.
 """
@@ -35,9 +39,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
 import math
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -57,7 +63,7 @@ FLOOR_FACTOR = {"forward": 2, "backward": 3, "forward+backward": 5}
 L2_ROTATION_BYTES = 256 * 1024 * 1024
 CSV_FIELDS = ["device", "model", "shape", "batch", "dtype", "layout", "pass", "contender", "status", "median_ms",
               "p20_ms", "p80_ms", "speedup_vs_eager", "speedup_vs_best_compile", "floor_gbps", "copy_share",
-              "launches", "peak_mem_mib", "eager_peak_mem_mib", "compile_s"]
+              "launches", "peak_mem_mib", "eager_peak_mem_mib", "compile_s", "page_faults"]
 
 
 # ----------------------------------------------------------------------------- contenders
@@ -131,20 +137,26 @@ def gpu_time_ms(fn) -> tuple[float, float, float]:
     return tuple(triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8]))
 
 
-def cpu_time_ms(runs: dict, rounds: int, calls: int) -> dict:
+def cpu_time_ms(runs: dict, rounds: int, calls: int, faults: dict | None = None) -> dict:
     """{key: (min of per-round medians, p20, p80)} in milliseconds; the runs interleave round by round,
-    so drift on a shared machine reaches every contender alike."""
+    so drift on a shared machine reaches every contender alike. `faults`, when given, receives each
+    key's minor page faults per timed call."""
     samples: dict = {key: [] for key in runs}
     medians: dict = {key: [] for key in runs}
+    fault_counts = dict.fromkeys(runs, 0)
     for _ in range(rounds):
         for key, run in runs.items():
             round_samples = []
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             for _ in range(calls):
                 start = time.perf_counter()
                 run()
                 round_samples.append((time.perf_counter() - start) * 1e3)
+            fault_counts[key] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
             samples[key] += round_samples
             medians[key].append(statistics.median(round_samples))
+    if faults is not None:
+        faults.update({key: count / (rounds * calls) for key, count in fault_counts.items()})
     out = {}
     for key in runs:
         q = statistics.quantiles(samples[key], n=10) if len(samples[key]) > 1 else samples[key] * 9
@@ -159,6 +171,31 @@ def time_ms(fn, device: torch.device, rounds: int = 5, calls: int = 10) -> tuple
     for _ in range(3):
         fn()
     return cpu_time_ms({0: fn}, rounds, calls)[0]
+
+
+MALLOC_CHOICES = ("reuse", "default")
+
+
+def add_malloc_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--malloc", choices=MALLOC_CHOICES, default="reuse",
+                        help="CPU: 'reuse' makes glibc keep freed memory for reuse (module docstring of bench_se.py); "
+                             "'default' leaves the allocator as it is")
+
+
+def apply_malloc_option(choice: str, device: torch.device) -> str:
+    """Applies --malloc on the CPU and says what the allocator does, for the run's header."""
+    if device.type != "cpu":
+        return ""
+    if choice == "default":
+        return "malloc as configured"
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return "malloc as configured (not glibc)"
+    m_trim_threshold, m_mmap_threshold, limit = -1, -3, 2**30
+    if not (libc.mallopt(m_mmap_threshold, limit) and libc.mallopt(m_trim_threshold, limit)):
+        return "malloc as configured (mallopt refused)"
+    return "glibc malloc keeps freed memory (mmap and trim thresholds 1 GiB)"
 
 
 def copy_bandwidth(device: torch.device, rounds: int, calls: int) -> float:
@@ -275,9 +312,11 @@ def main() -> None:
     parser.add_argument("--contenders", nargs="*", help="only contenders whose name contains one of these")
     parser.add_argument("--rounds", type=int, default=7, help="CPU: interleaved rounds per configuration")
     parser.add_argument("--calls", type=int, default=10, help="CPU: timed calls per contender and round")
+    add_malloc_option(parser)
     args = parser.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
+    malloc = apply_malloc_option(args.malloc, device)
     if gpu:
         default_batches, default_dtypes = ([1, 8, 128], ["float16", "bfloat16", "float32"]) if args.full else (
             [1, 128], ["float16"])
@@ -299,7 +338,7 @@ def main() -> None:
     copy_bw = copy_bandwidth(device, args.rounds, args.calls)
     header = f"{card}; torch {torch.__version__}; copy bandwidth {copy_bw / 1e9:.1f} GB/s (read + write)"
     if not gpu:
-        header += f"; min over {args.rounds} interleaved rounds of the median of {args.calls} calls"
+        header += f"; min over {args.rounds} interleaved rounds of the median of {args.calls} calls; {malloc}"
     print(header, flush=True)
     rows = []
     configs = list(configurations(args))
@@ -356,13 +395,16 @@ def bench_config(device, copy_bw, compile_modes, args, model, c, hw, r, act, gat
     if device.type == "cuda":
         times = {key: gpu_time_ms(run) for key, run in runs.items()}
     else:
-        times = cpu_time_ms(runs, args.rounds, args.calls)
+        faults = {}
+        times = cpu_time_ms(runs, args.rounds, args.calls, faults)
     for row in results:
         key = (row["contender"], row["pass"])
         if key not in times:
             continue
         ms, p20, p80 = times[key]
         row.update(median_ms=ms, p20_ms=p20, p80_ms=p80)
+        if device.type == "cpu":
+            row["page_faults"] = round(faults[key])
         row["floor_gbps"] = FLOOR_FACTOR[row["pass"]] * nbytes / (ms * 1e-3) / 1e9
         row["copy_share"] = row["floor_gbps"] * 1e9 / copy_bw
         row["launches"] = kernel_launches(runs[key], device) or ""
@@ -390,8 +432,8 @@ def write_outputs(out: Path, rows: list[dict], header: str) -> None:
         writer.writerows(rows)
     lines = [f"# SE microbenchmark\n\n{header}\n",
              "| model | shape | batch | dtype | layout | pass | contender | median ms (p20-p80) | vs eager | "
-             "vs best compile | floor GB/s | share of copy | launches | peak MiB (eager) |",
-             "| --- | --- | ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "vs best compile | floor GB/s | share of copy | launches | peak MiB (eager) | page faults / call |",
+             "| --- | --- | ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in rows:
         if row["status"] != "ok":
             continue
@@ -400,7 +442,8 @@ def write_outputs(out: Path, rows: list[dict], header: str) -> None:
             f"{row['contender']} | {row['median_ms']:.4f} ({row['p20_ms']:.4f}-{row['p80_ms']:.4f}) | "
             f"{_fmt(row.get('speedup_vs_eager'), '.2f')}x | {_fmt(row.get('speedup_vs_best_compile'), '.2f')} | "
             f"{row['floor_gbps']:.0f} | {_fmt(row.get('copy_share'), '.0%')} | {row.get('launches', '')} | "
-            f"{_fmt(row.get('peak_mem_mib'), '.1f')} ({_fmt(row.get('eager_peak_mem_mib'), '.1f')}) |")
+            f"{_fmt(row.get('peak_mem_mib'), '.1f')} ({_fmt(row.get('eager_peak_mem_mib'), '.1f')}) | "
+            f"{row.get('page_faults', '')} |")
     missing = sorted({(row["contender"], row["status"]) for row in rows if row["status"] != "ok"})
     if missing:
         lines += ["", "Not measured:"] + [f"- {name}: {status}" for name, status in missing]

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_se import Rotation, compiled_region_ran, copy_bandwidth, cpu_time_ms, gpu_time_ms  # noqa: E402
+from bench_se import Rotation, add_malloc_option, apply_malloc_option, compiled_region_ran, copy_bandwidth, cpu_time_ms, gpu_time_ms  # noqa: E402
 from se_fused import FusedSE, SEBlock  # noqa: E402
 from se_fused.functional import resolve_backend  # noqa: E402
 from se_fused.ops import cuda_kernels_available, extension_available, triton_available  # noqa: E402
@@ -109,8 +109,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the first stage at batch 2, one round")
     parser.add_argument("--rounds", type=int, default=7, help="CPU: interleaved rounds")
     parser.add_argument("--calls", type=int, default=8, help="CPU: timed calls per contender and round")
+    add_malloc_option(parser)
     args = parser.parse_args()
     device = torch.device(args.device)
+    malloc = apply_malloc_option(args.malloc, device)
     gpu = device.type == "cuda"
     batch = args.batch or (2 if args.quick else (64 if gpu else 8))
     dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
@@ -158,7 +160,7 @@ def main() -> None:
                     rows.append(row)
     card = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads; not a GPU result)"
     write(Path(args.out), rows, f"{card}; torch {torch.__version__}; copy bandwidth {copy_bw / 1e9:.1f} GB/s "
-                                f"(read + write)")
+                                f"(read + write){'; ' + malloc if malloc else ''}")
 
 
 def write(out: Path, rows: list[dict], header: str) -> None:

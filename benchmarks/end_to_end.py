@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import se_fused  # noqa: E402
 from se_fused.debug import randomize_batch_norms  # noqa: E402
-from bench_se import compiled_region_ran, cpu_time_ms, gpu_time_ms  # noqa: E402  (this folder is on sys.path)
+from bench_se import add_malloc_option, apply_malloc_option, compiled_region_ran, cpu_time_ms, gpu_time_ms  # noqa: E402  (this folder is on sys.path)
 
 MODELS = ["seresnet50", "efficientnet_b0", "mobilenetv3_large_100"]
 OTHER_MODELS = ["seresnext50_32x4d"]
@@ -78,8 +78,10 @@ def main() -> None:
     parser.add_argument("--no-train", action="store_true", help="inference only")
     parser.add_argument("--rounds", type=int, default=5, help="CPU: interleaved rounds")
     parser.add_argument("--calls", type=int, default=3, help="CPU: timed calls per variant and round")
+    add_malloc_option(parser)
     args = parser.parse_args()
     device = torch.device(args.device)
+    malloc = apply_malloc_option(args.malloc, device)
     gpu = device.type == "cuda"
     size = args.size or (64 if args.quick else 224)
     batches = args.batches or ([1, 2] if args.quick else ([1, 64] if gpu else [1, 8]))
@@ -153,7 +155,7 @@ def main() -> None:
                                    speedup_vs_eager=eager_ms / ms if eager_ms else "",
                                    speedup_vs_compile=compile_ms / ms if compile_ms else "")
                     rows.append(row)
-    write(Path(args.out), rows, f"{card}; torch {torch.__version__}; images {size}x{size}")
+    write(Path(args.out), rows, "; ".join(filter(None, [card, f"torch {torch.__version__}", f"images {size}x{size}", malloc])))
 
 
 def _fmt(value, spec):

@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import se_fused  # noqa: E402
-from bench_se import cpu_time_ms, gpu_time_ms  # noqa: E402  (this folder is on sys.path)
+from bench_se import add_malloc_option, apply_malloc_option, cpu_time_ms, gpu_time_ms  # noqa: E402  (this folder is on sys.path)
 from se_fused.debug import randomize_batch_norms  # noqa: E402
 from se_fused.models import se_inception_resnet_v2, se_inception_v3  # noqa: E402
 
@@ -121,8 +121,10 @@ def main() -> None:
     parser.add_argument("--layout", choices=["channels_last", "nchw"], default="channels_last")
     parser.add_argument("--rounds", type=int, default=5, help="CPU: interleaved rounds")
     parser.add_argument("--calls", type=int, default=3, help="CPU: timed calls per variant and round")
+    add_malloc_option(parser)
     args = parser.parse_args()
     device = torch.device(args.device)
+    malloc = apply_malloc_option(args.malloc, device)
     gpu = device.type == "cuda"
     models = args.models or (["seresnet50"] if args.quick else list(NETWORKS))
     batch = args.batch or (2 if args.quick else (64 if gpu else 1))
@@ -175,7 +177,8 @@ def main() -> None:
     card = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
     precision = "bf16 autocast" if gpu else "float32"
     write(Path(args.out), rows, tasks, f"{card}; torch {torch.__version__}; batch {batch}, {precision}, "
-                                       f"{args.layout}; backend auto ({se_fused.functional.resolve_backend('auto', device.type)})")
+                                       f"{args.layout}; backend auto ({se_fused.functional.resolve_backend('auto', device.type)})"
+                                       f"{'; ' + malloc if malloc else ''}")
 
 
 def output_errors(eager, fused, size, device, memory_format, amp) -> tuple[float, float]:

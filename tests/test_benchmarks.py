@@ -24,6 +24,8 @@ def test_microbenchmark_quick_mode(tmp_path):
         for pass_name in ("forward", "forward+backward", "backward"):
             assert (contender, pass_name) in measured, (contender, pass_name, rows)
     assert all(float(r["median_ms"]) > 0 for r in rows if r["status"] == "ok")
+    assert all(int(r["page_faults"]) >= 0 for r in rows if r["status"] == "ok")  # counted per contender on the CPU
+    assert "glibc malloc keeps freed memory" in (tmp_path / "bench.md").read_text()  # --malloc reuse, the default
     assert any(r["contender"] == "FusedSE cuda" and r["status"].startswith("not available") for r in rows)
     assert "| mobilenetv3_large |" in (tmp_path / "bench.md").read_text()
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
