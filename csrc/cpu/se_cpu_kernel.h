@@ -48,6 +48,58 @@ constexpr int64_t kStep = 2 * Vectorized<A>::size();
 #define SE_ALWAYS_INLINE inline
 #define SE_ALWAYS_INLINE_LAMBDA
 #endif
+// Unrolls a loop over the vectors of a register tile (a compile-time trip count, at most 8) before
+// anything else sees it: left rolled, GCC 12 turned the zeroing of the accumulator arrays into `rep stos` on the
+// stack and stored and reloaded every accumulator at every step of the loop around it.
+#if defined(__GNUC__) && !defined(__clang__)
+#define SE_UNROLL _Pragma("GCC unroll 8")
+#elif defined(__clang__)
+#define SE_UNROLL _Pragma("unroll")
+#else
+#define SE_UNROLL
+#endif
+
+// The first 0 < count <= size() elements at p (the rest zero), or stored to p, in one masked
+// instruction: ATen's loadu(p, count) / store(p, count) go through a stack buffer and memcpy, and a
+// partial step ends every row of a 7x7 or 14x14 map.
+template <typename A>
+SE_ALWAYS_INLINE Vectorized<A> load_partial(const A* p, int64_t count) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<A, float>) {
+    return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1), p);
+  } else if constexpr (std::is_same_v<A, double>) {
+    return _mm512_maskz_loadu_pd(static_cast<__mmask8>((1u << count) - 1), p);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<A, float>) {
+    return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)),
+                                                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+  } else if constexpr (std::is_same_v<A, double>) {
+    return _mm256_maskload_pd(p, _mm256_cmpgt_epi64(_mm256_set1_epi64x(count), _mm256_setr_epi64x(0, 1, 2, 3)));
+  }
+#endif
+  return Vectorized<A>::loadu(p, count);
+}
+
+template <typename A>
+SE_ALWAYS_INLINE void store_partial(A* p, const Vectorized<A>& v, int64_t count) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<A, float>) {
+    return _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << count) - 1), v);
+  } else if constexpr (std::is_same_v<A, double>) {
+    return _mm512_mask_storeu_pd(p, static_cast<__mmask8>((1u << count) - 1), v);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<A, float>) {
+    return _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)),
+                                                     _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), v);
+  } else if constexpr (std::is_same_v<A, double>) {
+    return _mm256_maskstore_pd(p, _mm256_cmpgt_epi64(_mm256_set1_epi64x(count), _mm256_setr_epi64x(0, 1, 2, 3)),
+                               v);
+  }
+#endif
+  v.store(p, count);
+}
 
 template <typename T, typename A>
 SE_ALWAYS_INLINE void load(const T* p, Vectorized<A>& v0, Vectorized<A>& v1, int64_t count = kStep<A>) {
@@ -55,9 +107,10 @@ SE_ALWAYS_INLINE void load(const T* p, Vectorized<A>& v0, Vectorized<A>& v1, int
   if constexpr (std::is_same_v<T, A>) {
     if (count >= 2 * V) {
       v0 = Vectorized<A>::loadu(p), v1 = Vectorized<A>::loadu(p + V);
+    } else if (count > V) {
+      v0 = Vectorized<A>::loadu(p), v1 = load_partial(p + V, count - V);
     } else {
-      v0 = Vectorized<A>::loadu(p, std::min(count, V));
-      v1 = count > V ? Vectorized<A>::loadu(p + V, count - V) : Vectorized<A>(A(0));
+      v0 = load_partial(p, count), v1 = Vectorized<A>(A(0));
     }
   } else {
     std::tie(v0, v1) = at::vec::convert_to_float<T>(count >= 2 * V ? Vectorized<T>::loadu(p)
@@ -71,9 +124,10 @@ SE_ALWAYS_INLINE void store(T* p, const Vectorized<A>& v0, const Vectorized<A>& 
   if constexpr (std::is_same_v<T, A>) {
     if (count >= 2 * V) {
       v0.store(p), v1.store(p + V);
+    } else if (count > V) {
+      v0.store(p), store_partial(p + V, v1, count - V);
     } else {
-      v0.store(p, std::min(count, V));
-      if (count > V) v1.store(p + V, count - V);
+      store_partial(p, v0, count);
     }
   } else if (count >= 2 * V) {
     at::vec::convert_from_float<T>(v0, v1).store(p);
@@ -224,14 +278,17 @@ template <int NS, bool PRODUCT, typename T, typename A>
 void register_column_sums(const T* a, int64_t pa, const T* b, int64_t pb, int64_t np, int64_t cols, A* acc) {
   constexpr int64_t W = kStep<A>;
   Vectorized<A> s0[NS], s1[NS];
+  SE_UNROLL
   for (int k = 0; k < NS; ++k) s0[k] = s1[k] = Vectorized<A>(A(0));
   for (int64_t p = 0; p < np; ++p) {
+    SE_UNROLL
     for (int k = 0; k < NS; ++k) {
       Vectorized<A> v0, v1;
       load_product<PRODUCT>(a + p * pa, b + p * pb, k * W, std::min(W, cols - k * W), v0, v1);
       s0[k] = s0[k] + v0, s1[k] = s1[k] + v1;
     }
   }
+  SE_UNROLL
   for (int k = 0; k < NS; ++k) store(acc + k * W, s0[k], s1[k], std::min(W, cols - k * W));
 }
 
@@ -621,28 +678,43 @@ inline A reduce_sum(const Vectorized<A>& v) {
   return at::vec::vec_reduce_all<A>([](Vectorized<A>& x, Vectorized<A>& y) { return x + y; }, v);
 }
 
+// Accumulators of a register tile: ROWS x 2 vectors.
+template <int64_t ROWS, typename A>
+struct TileAcc {
+  Vectorized<A> v0[ROWS], v1[ROWS];
+  SE_ALWAYS_INLINE TileAcc() {
+    SE_UNROLL
+    for (int64_t t = 0; t < ROWS; ++t) v0[t] = v1[t] = Vectorized<A>(A(0));
+  }
+};
+
+// acc[t] += in[t, k..k+count) · wj[k..k+count), elementwise, for t < ROWS (in's rows K apart).
+template <int64_t ROWS, typename W, typename A>
+SE_ALWAYS_INLINE void dot_step(const A* __restrict in, int64_t K, const W* __restrict wj, int64_t k, int64_t count,
+                               TileAcc<ROWS, A>& acc) {
+  Vectorized<A> w0, w1;
+  load(wj + k, w0, w1, count);
+  SE_UNROLL
+  for (int64_t t = 0; t < ROWS; ++t) {
+    Vectorized<A> x0, x1;
+    load(in + t * K + k, x0, x1, count);
+    acc.v0[t] = at::vec::fmadd(x0, w0, acc.v0[t]);
+    acc.v1[t] = at::vec::fmadd(x1, w1, acc.v1[t]);
+  }
+}
+
 // out[m0 + t, j] = bias + Σ_k in[m0 + t, k] · w[j, k] for t < ROWS (restrict: the accumulators stay
 // in registers).
 template <int64_t ROWS, typename W, typename A>
 inline void dot_tile(const A* __restrict in, int64_t K, const W* __restrict wj, A bias, A* __restrict out,
                      int64_t out_stride) {
   constexpr int64_t S = kStep<A>;
-  Vectorized<A> acc0[ROWS], acc1[ROWS];
-  for (int64_t t = 0; t < ROWS; ++t) acc0[t] = acc1[t] = Vectorized<A>(A(0));
-  const auto step = [&](int64_t k, int64_t count) SE_ALWAYS_INLINE_LAMBDA {
-    Vectorized<A> w0, w1;
-    load(wj + k, w0, w1, count);
-    for (int64_t t = 0; t < ROWS; ++t) {
-      Vectorized<A> x0, x1;
-      load(in + t * K + k, x0, x1, count);
-      acc0[t] = at::vec::fmadd(x0, w0, acc0[t]);
-      acc1[t] = at::vec::fmadd(x1, w1, acc1[t]);
-    }
-  };
+  TileAcc<ROWS, A> acc;
   int64_t k = 0;
-  for (; k + S <= K; k += S) step(k, S);
-  if (k < K) step(k, K - k);
-  for (int64_t t = 0; t < ROWS; ++t) out[t * out_stride] = bias + reduce_sum(acc0[t] + acc1[t]);
+  for (; k + S <= K; k += S) dot_step<ROWS>(in, K, wj, k, S, acc);
+  if (k < K) dot_step<ROWS>(in, K, wj, k, K - k, acc);
+  SE_UNROLL
+  for (int64_t t = 0; t < ROWS; ++t) out[t * out_stride] = bias + reduce_sum(acc.v0[t] + acc.v1[t]);
 }
 
 // out[m, j] = bias[j] + Σ_k in[m, k] · w[j, k]: a forward layer. in (M, K), w (J, K), out (M, J).
@@ -662,19 +734,20 @@ void dot_rows(const A* in, int64_t M, int64_t K, const W* w, const W* bias, int6
 template <int64_t ROWS, typename W, typename A>
 inline void axpy_tile(const A* __restrict in, int64_t Cin, const W* __restrict wj, int64_t J, int64_t count, A scale,
                       A* __restrict out) {
-  Vectorized<A> acc0[ROWS], acc1[ROWS];
-  for (int64_t t = 0; t < ROWS; ++t) acc0[t] = acc1[t] = Vectorized<A>(A(0));
+  TileAcc<ROWS, A> acc;
   for (int64_t c = 0; c < Cin; ++c) {
     Vectorized<A> w0, w1;
     load(wj + c * J, w0, w1, count);
+    SE_UNROLL
     for (int64_t t = 0; t < ROWS; ++t) {
       const Vectorized<A> x(in[t * Cin + c]);
-      acc0[t] = at::vec::fmadd(x, w0, acc0[t]);
-      acc1[t] = at::vec::fmadd(x, w1, acc1[t]);
+      acc.v0[t] = at::vec::fmadd(x, w0, acc.v0[t]);
+      acc.v1[t] = at::vec::fmadd(x, w1, acc.v1[t]);
     }
   }
   const Vectorized<A> vs(scale);
-  for (int64_t t = 0; t < ROWS; ++t) store(out + t * J, acc0[t] * vs, acc1[t] * vs, count);
+  SE_UNROLL
+  for (int64_t t = 0; t < ROWS; ++t) store(out + t * J, acc.v0[t] * vs, acc.v1[t] * vs, count);
 }
 
 // out[m, j] = scale · Σ_c in[m, c] · w[c, j]: a backward layer. in (M, Cin), w (Cin, J), out (M, J).
@@ -694,23 +767,42 @@ void axpy_rows(const A* in, int64_t M, int64_t Cin, const W* w, int64_t J, A sca
   });
 }
 
+// out[i + t, j..j+count) = Σ_m u[m, i + t] · v[m, j..j+count), m ascending, for t < ROWS: ROWS rows
+// share each load of v and give the FMA units ROWS x 2 independent sums.
+template <int64_t ROWS, typename W, typename A>
+inline void outer_tile(const A* __restrict u, const A* __restrict v, int64_t M, int64_t I, int64_t J, int64_t j,
+                       int64_t count, W* __restrict out) {
+  TileAcc<ROWS, A> acc;
+  for (int64_t m = 0; m < M; ++m) {
+    Vectorized<A> v0, v1;
+    load(v + m * J + j, v0, v1, count);
+    SE_UNROLL
+    for (int64_t t = 0; t < ROWS; ++t) {
+      const Vectorized<A> x(u[m * I + t]);
+      acc.v0[t] = at::vec::fmadd(x, v0, acc.v0[t]);
+      acc.v1[t] = at::vec::fmadd(x, v1, acc.v1[t]);
+    }
+  }
+  SE_UNROLL
+  for (int64_t t = 0; t < ROWS; ++t) store(out + t * J + j, acc.v0[t], acc.v1[t], count);
+}
+
 // out[i, j] = Σ_m u[m, i] · v[m, j], m ascending: a weight gradient summed over the batch, written
 // in the parameters' dtype. u (M, I), v (M, J), out (I, J).
 template <typename W, typename A>
 void outer_sums(const A* u, const A* v, int64_t M, int64_t I, int64_t J, W* out) {
   constexpr int64_t S = kStep<A>;
-  at::parallel_for(0, I, std::max<int64_t>(1, kGrain / (M * J)), [=](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
+  const int64_t tiles = (I + kTileRows - 1) / kTileRows;
+  at::parallel_for(0, tiles, std::max<int64_t>(1, kGrain / (M * J * kTileRows)), [=](int64_t t0, int64_t t1) {
+    for (int64_t tile = t0; tile < t1; ++tile) {
+      const int64_t i0 = tile * kTileRows;
       for (int64_t j = 0; j < J; j += S) {
         const int64_t count = std::min(S, J - j);
-        Vectorized<A> acc0(A(0)), acc1(A(0));
-        for (int64_t m = 0; m < M; ++m) {
-          const Vectorized<A> x(u[m * I + i]);
-          Vectorized<A> v0, v1;
-          load(v + m * J + j, v0, v1, count);
-          acc0 = at::vec::fmadd(x, v0, acc0), acc1 = at::vec::fmadd(x, v1, acc1);
+        if (i0 + kTileRows <= I) {
+          outer_tile<kTileRows>(u + i0, v, M, I, J, j, count, out + i0 * J);
+        } else {
+          for (int64_t i = i0; i < I; ++i) outer_tile<1>(u + i, v, M, I, J, j, count, out + i * J);
         }
-        store(out + i * J + j, acc0, acc1, count);
       }
     }
   });
