@@ -9,6 +9,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <initializer_list>
 #include <tuple>
 #include <type_traits>
@@ -59,43 +61,69 @@ constexpr int64_t kStep = 2 * Vectorized<A>::size();
 #define SE_UNROLL
 #endif
 
-// The first 0 < count <= size() elements at p (the rest zero), or stored to p, in one masked
-// instruction: ATen's loadu(p, count) / store(p, count) go through a stack buffer and memcpy, and a
-// partial step ends every row of a 7x7 or 14x14 map.
-template <typename A>
-SE_ALWAYS_INLINE Vectorized<A> load_partial(const A* p, int64_t count) {
+// The first 0 <= count <= size() elements at p (the rest zero), or stored to p, with masked
+// instructions: ATen's loadu(p, count) / store(p, count) go through a stack buffer and memcpy, and a
+// partial step ends every row of a 7x7 or 14x14 map and every position of 72 channels_last channels.
+// E: float, double, or a 16-bit type (Vectorized<E> of 16 bits holds 2 x kStep / 2 elements). AVX2 masks
+// 32-bit lanes, so an odd count of 16-bit elements takes its last one apart.
+template <typename E>
+SE_ALWAYS_INLINE Vectorized<E> load_partial(const E* p, int64_t count) {
 #if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<A, float>) {
-    return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1), p);
-  } else if constexpr (std::is_same_v<A, double>) {
-    return _mm512_maskz_loadu_pd(static_cast<__mmask8>((1u << count) - 1), p);
+  if constexpr (std::is_same_v<E, float>) {
+    return _mm512_maskz_loadu_ps(static_cast<__mmask16>((uint64_t{1} << count) - 1), p);
+  } else if constexpr (std::is_same_v<E, double>) {
+    return _mm512_maskz_loadu_pd(static_cast<__mmask8>((uint64_t{1} << count) - 1), p);
+  } else if constexpr (sizeof(E) == 2) {
+    return _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t{1} << count) - 1), p);
   }
 #elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<A, float>) {
-    return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)),
-                                                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-  } else if constexpr (std::is_same_v<A, double>) {
+  const __m256i lanes32 = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  if constexpr (std::is_same_v<E, float>) {
+    return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), lanes32));
+  } else if constexpr (std::is_same_v<E, double>) {
     return _mm256_maskload_pd(p, _mm256_cmpgt_epi64(_mm256_set1_epi64x(count), _mm256_setr_epi64x(0, 1, 2, 3)));
+  } else if constexpr (sizeof(E) == 2) {
+    const __m256i pairs = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count / 2)), lanes32);
+    __m256i v = _mm256_maskload_epi32(reinterpret_cast<const int*>(p), pairs);
+    if (count % 2) {
+      int16_t last;
+      std::memcpy(&last, p + count - 1, sizeof(last));
+      const __m256i at_last = _mm256_cmpeq_epi16(_mm256_set1_epi16(static_cast<int16_t>(count - 1)),
+                                                 _mm256_setr_epi16(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+      v = _mm256_blendv_epi8(v, _mm256_set1_epi16(last), at_last);
+    }
+    return v;
   }
 #endif
-  return Vectorized<A>::loadu(p, count);
+  return Vectorized<E>::loadu(p, count);
 }
 
-template <typename A>
-SE_ALWAYS_INLINE void store_partial(A* p, const Vectorized<A>& v, int64_t count) {
+template <typename E>
+SE_ALWAYS_INLINE void store_partial(E* p, const Vectorized<E>& v, int64_t count) {
 #if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<A, float>) {
-    return _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << count) - 1), v);
-  } else if constexpr (std::is_same_v<A, double>) {
-    return _mm512_mask_storeu_pd(p, static_cast<__mmask8>((1u << count) - 1), v);
+  if constexpr (std::is_same_v<E, float>) {
+    return _mm512_mask_storeu_ps(p, static_cast<__mmask16>((uint64_t{1} << count) - 1), v);
+  } else if constexpr (std::is_same_v<E, double>) {
+    return _mm512_mask_storeu_pd(p, static_cast<__mmask8>((uint64_t{1} << count) - 1), v);
+  } else if constexpr (sizeof(E) == 2) {
+    return _mm512_mask_storeu_epi16(p, static_cast<__mmask32>((uint64_t{1} << count) - 1), v);
   }
 #elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<A, float>) {
-    return _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)),
-                                                     _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), v);
-  } else if constexpr (std::is_same_v<A, double>) {
+  const __m256i lanes32 = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  if constexpr (std::is_same_v<E, float>) {
+    return _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), lanes32), v);
+  } else if constexpr (std::is_same_v<E, double>) {
     return _mm256_maskstore_pd(p, _mm256_cmpgt_epi64(_mm256_set1_epi64x(count), _mm256_setr_epi64x(0, 1, 2, 3)),
                                v);
+  } else if constexpr (sizeof(E) == 2) {
+    const __m256i pairs = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count / 2)), lanes32);
+    _mm256_maskstore_epi32(reinterpret_cast<int*>(p), pairs, v);
+    if (count % 2) {
+      alignas(32) int16_t all[16];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(all), v);
+      std::memcpy(p + count - 1, all + count - 1, sizeof(int16_t));
+    }
+    return;
   }
 #endif
   v.store(p, count);
@@ -113,8 +141,7 @@ SE_ALWAYS_INLINE void load(const T* p, Vectorized<A>& v0, Vectorized<A>& v1, int
       v0 = load_partial(p, count), v1 = Vectorized<A>(A(0));
     }
   } else {
-    std::tie(v0, v1) = at::vec::convert_to_float<T>(count >= 2 * V ? Vectorized<T>::loadu(p)
-                                                                     : Vectorized<T>::loadu(p, count));
+    std::tie(v0, v1) = at::vec::convert_to_float<T>(count >= 2 * V ? Vectorized<T>::loadu(p) : load_partial(p, count));
   }
 }
 
@@ -132,7 +159,7 @@ SE_ALWAYS_INLINE void store(T* p, const Vectorized<A>& v0, const Vectorized<A>& 
   } else if (count >= 2 * V) {
     at::vec::convert_from_float<T>(v0, v1).store(p);
   } else {
-    at::vec::convert_from_float<T>(v0, v1).store(p, count);
+    store_partial(p, at::vec::convert_from_float<T>(v0, v1), count);
   }
 }
 
