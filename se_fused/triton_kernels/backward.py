@@ -137,8 +137,8 @@ def _weight_grad_tile(
         h = activation(load_block(a_ptr, offs_m, mask_m, R, offs_r, mask_r, 1, False), ACT)
         z_t = load_block(z_ptr, offs_c, mask_c, 1, offs_m, mask_m, C, False)
         da = load_block(da_ptr, offs_m, mask_m, R, offs_r, mask_r, 1, True)
-        dw2 = tl.dot(de_t, h, dw2, input_precision="ieee")
-        dw1_t = tl.dot(z_t, da, dw1_t, input_precision="ieee")
+        dw2 = tl.dot(de_t, h, dw2, input_precision="ieee", out_dtype=acc_dtype)  # triton 3.6: float32 unless said
+        dw1_t = tl.dot(z_t, da, dw1_t, input_precision="ieee", out_dtype=acc_dtype)
         db2 += tl.sum(de_t, axis=1)
         db1 += tl.sum(da, axis=0)
     mask = mask_c[:, None] & mask_r[None, :]

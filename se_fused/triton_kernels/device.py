@@ -183,13 +183,13 @@ def mma(a, w, acc, HALF_WEIGHTS: tl.constexpr, HALF_AS_FP32: tl.constexpr):
     sees its half-precision input) and the product runs on tensor cores with float32 accumulation;
     otherwise IEEE products in acc's type (float32 or float64). HALF_AS_FP32 (the interpreter, whose
     tl.dot mishandles bfloat16): the rounded half operands are multiplied in float32, exactly as
-    tensor cores do."""
+    tensor cores do. out_dtype is spelled out: triton 3.6 defaults it to float32 whatever acc is."""
     if HALF_WEIGHTS:
         a = a.to(w.dtype)
         if HALF_AS_FP32:
-            return tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-        return tl.dot(a, w, acc)
-    return tl.dot(a.to(acc.dtype), w.to(acc.dtype), acc, input_precision="ieee")
+            return tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee", out_dtype=acc.dtype)
+        return tl.dot(a, w, acc, out_dtype=acc.dtype)
+    return tl.dot(a.to(acc.dtype), w.to(acc.dtype), acc, input_precision="ieee", out_dtype=acc.dtype)
 
 
 # ----------------------------------------------------------------------------- synchronisation
