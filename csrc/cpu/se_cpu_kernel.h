@@ -449,6 +449,38 @@ void scale_columns(const T* src, const T* res, T* dst, const A* s, const A* t, i
   });
 }
 
+// dst[k] = out_act(src[k] * s[k / P] (+ t[k / P]) (+ res[k])) for k in [k0, k1) of back-to-back rows of
+// P >= kStep elements: one walk over the rows, so only the walk's first and last steps can be partial (7x7
+// and 14x14 rows walked one by one end in a partial step each, and a streamed one mixes normal and
+// streaming stores in a shared line). A step crosses at most one row boundary and blends the two scales.
+template <bool SHIFT, bool STREAM, int OUT, bool RES, typename T, typename A>
+void scale_flat(const T* src, const T* res, T* dst, int64_t k0, int64_t k1, int64_t P, const A* s, const A* t) {
+  constexpr int64_t V = Vectorized<A>::size();
+  const Vectorized<A> lanes0 = Vectorized<A>::arange(A(0), A(1)), lanes1 = Vectorized<A>::arange(A(V), A(1));
+  int64_t row = k0 / P, next = (row + 1) * P;  // the row of the step's first element; where the next one starts
+  for_steps<STREAM, A>(dst + k0, k1 - k0, [&](int64_t i, int64_t count) {
+    const int64_t k = k0 + i;
+    if (k >= next) row += 1, next += P;
+    Vectorized<A> s0(s[row]), s1(s[row]), t0, t1;
+    if constexpr (SHIFT) t0 = t1 = Vectorized<A>(t[row]);
+    if (k + count > next) {  // lanes from next - k on belong to the next row
+      const Vectorized<A> from(static_cast<A>(next - k));
+      const Vectorized<A> m0 = lanes0 >= from, m1 = lanes1 >= from;
+      s0 = Vectorized<A>::blendv(s0, Vectorized<A>(s[row + 1]), m0);
+      s1 = Vectorized<A>::blendv(s1, Vectorized<A>(s[row + 1]), m1);
+      if constexpr (SHIFT) {
+        t0 = Vectorized<A>::blendv(t0, Vectorized<A>(t[row + 1]), m0);
+        t1 = Vectorized<A>::blendv(t1, Vectorized<A>(t[row + 1]), m1);
+      }
+    }
+    Vectorized<A> v0, v1;
+    load(src + k, v0, v1, count);
+    v0 = v0 * s0, v1 = v1 * s1;
+    if constexpr (SHIFT) v0 = v0 + t0, v1 = v1 + t1;
+    finish_step<STREAM, OUT, RES>(RES ? res + k : res, dst + k, v0, v1, count);
+  });
+}
+
 // dst[i] = out_act(src[i] * s[i mod C] (+ t[i mod C]) (+ res[i])) over n contiguous elements of whole
 // channels_last positions, C <= kStep / 2: lane j of a step holds channel j mod C, so one pattern of s
 // serves every step. A step advances by the k·C elements of its whole positions; where C does not divide
@@ -566,13 +598,29 @@ void scale_channels(int64_t n0, int64_t n1, int64_t C, int64_t P, const T* src, 
   const int64_t G = n1 - n0;
   const Layout layout = RES ? layout_of({ss, sd, sr}, C, P) : layout_of({ss, sd}, C, P);
   const bool packed = layout == Layout::kColumns && C <= kStep<A> / 2 && ss.p == C && sd.p == C && (!RES || sr.p == C);
+  const auto back_to_back = [&](const Strides3& v) { return v.c == P && v.n == C * P; };
+  const bool flat = layout == Layout::kRows && P >= kStep<A> && back_to_back(ss) && back_to_back(sd) &&
+                    (!RES || back_to_back(sr));
   if constexpr (STREAM) {
     // A row of dst that does not start on the streaming alignment begins and ends with normal stores
     // into cache lines its neighbours stream to, which costs more than streaming saves (8 x 2048 x 196
-    // float32 forward: 1.7x the time of 8 x 2048 x 208). Packed runs have their own rule.
-    if (!packed && !aligned_rows(dst, sd.n, layout == Layout::kColumns ? sd.p : sd.c)) {
+    // float32 forward: 1.7x the time of 8 x 2048 x 208). Packed runs and flat walks have their own rule.
+    if (!packed && !flat && !aligned_rows(dst, sd.n, layout == Layout::kColumns ? sd.p : sd.c)) {
       return scale_channels<SHIFT, false, OUT, RES>(n0, n1, C, P, src, ss, dst, sd, s, t, res, sr);
     }
+  }
+  if (flat) {  // tasks of whole steps: each but the last starts where the previous one ended, aligned alike
+    constexpr int64_t W = kStep<A>;
+    const int64_t total = G * C * P;
+    const T* src0 = src + n0 * ss.n;
+    const T* res0 = RES ? res + n0 * sr.n : res;
+    T* dst0 = dst + n0 * sd.n;
+    at::parallel_for(0, (total + W - 1) / W, std::max<int64_t>(1, kGrain / W), [&](int64_t b0, int64_t b1) {
+      scale_flat<SHIFT, STREAM, OUT, RES>(src0, res0, dst0, b0 * W, std::min(total, b1 * W), P, s + n0 * C,
+                                          SHIFT ? t + n0 * C : s);
+      if constexpr (STREAM) fence_streaming_stores();
+    });
+    return;
   }
   if (layout == Layout::kColumns) {
     at::parallel_for(0, G * P, std::max<int64_t>(1, kGrain / C), [&](int64_t i0, int64_t i1) {
