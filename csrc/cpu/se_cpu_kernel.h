@@ -51,8 +51,8 @@ constexpr int64_t kStep = 2 * Vectorized<A>::size();
 #define SE_ALWAYS_INLINE_LAMBDA
 #endif
 // Unrolls a loop over the vectors of a register tile (a compile-time trip count, at most 8) before
-// anything else sees it: left rolled, GCC 12 turned the zeroing of the accumulator arrays into `rep stos` on the
-// stack and stored and reloaded every accumulator at every step of the loop around it.
+// anything else sees it: left rolled, GCC 12 turned the zeroing of the accumulator arrays into
+// `rep stos` on the stack and stored and reloaded every accumulator at every step of the loop around it.
 #if defined(__GNUC__) && !defined(__clang__)
 #define SE_UNROLL _Pragma("GCC unroll 8")
 #elif defined(__clang__)
@@ -64,8 +64,8 @@ constexpr int64_t kStep = 2 * Vectorized<A>::size();
 // The first 0 <= count <= size() elements at p (the rest zero), or stored to p, with masked
 // instructions: ATen's loadu(p, count) / store(p, count) go through a stack buffer and memcpy, and a
 // partial step ends every row of a 7x7 or 14x14 map and every position of 72 channels_last channels.
-// E: float, double, or a 16-bit type (Vectorized<E> of 16 bits holds 2 x kStep / 2 elements). AVX2 masks
-// 32-bit lanes, so an odd count of 16-bit elements takes its last one apart.
+// E: float, double, or a 16-bit type (one Vectorized<E> then holds a whole step). AVX2 masks 32-bit
+// lanes, so an odd count of 16-bit elements takes its last one apart.
 template <typename E>
 SE_ALWAYS_INLINE Vectorized<E> load_partial(const E* p, int64_t count) {
 #if defined(CPU_CAPABILITY_AVX512)
