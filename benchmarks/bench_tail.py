@@ -30,7 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_se import Rotation, add_malloc_option, apply_malloc_option, compiled_region_ran, copy_bandwidth, cpu_time_ms, gpu_time_ms  # noqa: E402
+from bench_se import (Rotation, add_malloc_option, apply_malloc_option, compiled_region_ran,  # noqa: E402
+                      copy_bandwidth, cpu_time_ms, gpu_time_ms)
 from se_fused import FusedSE, SEBlock  # noqa: E402
 from se_fused.functional import resolve_backend  # noqa: E402
 from se_fused.ops import cuda_kernels_available, extension_available, triton_available  # noqa: E402

@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import se_fused  # noqa: E402
 from se_fused.debug import randomize_batch_norms  # noqa: E402
-from bench_se import add_malloc_option, apply_malloc_option, compiled_region_ran, cpu_time_ms, gpu_time_ms  # noqa: E402  (this folder is on sys.path)
+from bench_se import (add_malloc_option, apply_malloc_option, compiled_region_ran,  # noqa: E402  (on sys.path)
+                      cpu_time_ms, gpu_time_ms)
 
 MODELS = ["seresnet50", "efficientnet_b0", "mobilenetv3_large_100"]
 OTHER_MODELS = ["seresnext50_32x4d"]
@@ -155,7 +156,7 @@ def main() -> None:
                                    speedup_vs_eager=eager_ms / ms if eager_ms else "",
                                    speedup_vs_compile=compile_ms / ms if compile_ms else "")
                     rows.append(row)
-    write(Path(args.out), rows, "; ".join(filter(None, [card, f"torch {torch.__version__}", f"images {size}x{size}", malloc])))
+    write(Path(args.out), rows, f"{card}; torch {torch.__version__}; images {size}x{size}{'; ' + malloc if malloc else ''}")
 
 
 def _fmt(value, spec):

@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import se_fused  # noqa: E402
-from bench_se import add_malloc_option, apply_malloc_option, cpu_time_ms, gpu_time_ms  # noqa: E402  (this folder is on sys.path)
+from bench_se import add_malloc_option, apply_malloc_option, cpu_time_ms, gpu_time_ms  # noqa: E402  (on sys.path)
 from se_fused.debug import randomize_batch_norms  # noqa: E402
 from se_fused.models import se_inception_resnet_v2, se_inception_v3  # noqa: E402
 
