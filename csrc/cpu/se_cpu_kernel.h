@@ -305,25 +305,33 @@ void packed_column_sums(const T* a, const T* b, int64_t np, int64_t C, A* acc) {
   }
 }
 
+// Accumulators of a register tile: ROWS x 2 vectors, zeroed (the column sums below, the MLP's tiles).
+template <int64_t ROWS, typename A>
+struct TileAcc {
+  Vectorized<A> v0[ROWS], v1[ROWS];
+  SE_ALWAYS_INLINE TileAcc() {
+    SE_UNROLL
+    for (int64_t t = 0; t < ROWS; ++t) v0[t] = v1[t] = Vectorized<A>(A(0));
+  }
+};
+
 // acc[c] = Σ_{p < np} a[p · pa + c] (· b[p · pb + c]) for c < cols <= NS · kStep, NS vector steps of
 // accumulators kept in registers across positions (through memory, each position would wait on the
 // previous one's store).
 template <int NS, bool PRODUCT, typename T, typename A>
 void register_column_sums(const T* a, int64_t pa, const T* b, int64_t pb, int64_t np, int64_t cols, A* acc) {
   constexpr int64_t W = kStep<A>;
-  Vectorized<A> s0[NS], s1[NS];
-  SE_UNROLL
-  for (int k = 0; k < NS; ++k) s0[k] = s1[k] = Vectorized<A>(A(0));
+  TileAcc<NS, A> sums;
   for (int64_t p = 0; p < np; ++p) {
     SE_UNROLL
     for (int k = 0; k < NS; ++k) {
       Vectorized<A> v0, v1;
       load_product<PRODUCT>(a + p * pa, b + p * pb, k * W, std::min(W, cols - k * W), v0, v1);
-      s0[k] = s0[k] + v0, s1[k] = s1[k] + v1;
+      sums.v0[k] = sums.v0[k] + v0, sums.v1[k] = sums.v1[k] + v1;
     }
   }
   SE_UNROLL
-  for (int k = 0; k < NS; ++k) store(acc + k * W, s0[k], s1[k], std::min(W, cols - k * W));
+  for (int k = 0; k < NS; ++k) store(acc + k * W, sums.v0[k], sums.v1[k], std::min(W, cols - k * W));
 }
 
 // acc[c] = Σ_{p < np} a[p · pa + c] (· b[p · pb + c]) for c < C: a chunk of positions of one channels_last
@@ -767,16 +775,6 @@ template <typename A>
 inline A reduce_sum(const Vectorized<A>& v) {
   return at::vec::vec_reduce_all<A>([](Vectorized<A>& x, Vectorized<A>& y) { return x + y; }, v);
 }
-
-// Accumulators of a register tile: ROWS x 2 vectors.
-template <int64_t ROWS, typename A>
-struct TileAcc {
-  Vectorized<A> v0[ROWS], v1[ROWS];
-  SE_ALWAYS_INLINE TileAcc() {
-    SE_UNROLL
-    for (int64_t t = 0; t < ROWS; ++t) v0[t] = v1[t] = Vectorized<A>(A(0));
-  }
-};
 
 // acc[t] += in[t, k..k+count) · wj[k..k+count), elementwise, for t < ROWS (in's rows K apart).
 template <int64_t ROWS, typename W, typename A>
