@@ -17,8 +17,8 @@ _counters: list["LaunchCount"] = []
 _poison = False
 _forced: dict = {}
 
-SCHEDULE_FIELDS = ("split", "group_size", "num_programs", "block_c", "block_p", "tiles_per_item", "mlp_block_r",
-                   "mlp_block_c", "wgrad_block")
+SCHEDULE_FIELDS = ("config", "split", "group_size", "num_programs", "block_c", "block_p", "tiles_per_item",
+                   "mlp_block_r", "mlp_block_c", "wgrad_block")
 
 
 class LaunchCount:
@@ -83,6 +83,8 @@ def force_schedule(**fields) -> Iterator[None]:
     samples across many work items and programs).
 
     Fields, all optional:
+      config:         index of the Triton launch configuration among the problem's candidates
+                      (``triton_kernels.schedule.candidate_configs``), instead of the tuner's choice
       split:          False: one program per sample; True: samples cut into items taken from tickets
       group_size:     samples per ticket group (split)
       num_programs:   programs (CUDA: blocks) in the grid (split)

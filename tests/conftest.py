@@ -63,6 +63,13 @@ def poisoned_outputs():
         yield
 
 
+@pytest.fixture(autouse=True)
+def untuned_launches(monkeypatch):
+    """The Triton launchers take each regime's first configuration: tuning would time (and compile)
+    every candidate of every new problem. tests/test_launch_configs.py checks the others and the tuner."""
+    monkeypatch.setenv("SE_FUSED_AUTOTUNE", "0")
+
+
 def interpreted(backend: str, device) -> bool:
     """Triton under its CPU interpreter (device: a name or a torch.device): every kernel operation runs in
     Python (tens of ms a ticket)."""

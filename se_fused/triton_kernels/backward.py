@@ -48,10 +48,12 @@ from .schedule import (
     GATE_CODES,
     HALF_TYPES,
     OUT_ACT_CODES,
-    MAIN_KERNEL_WARPS,
     WGRAD_SAMPLES,
+    LaunchConfig,
+    candidate_configs,
     choose_schedule,
     launch,
+    pick_config,
     uses_interpreter,
     workspace,
 )
@@ -319,30 +321,38 @@ def se_backward(g: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Te
     da = new_output((n, r), dtype=z.dtype, device=x.device)
     dzp = new_output((n, c), dtype=z.dtype, device=x.device)
 
-    sched = choose_schedule(n, c, r, p, x_strides[1] == 1, x.element_size(), x.device,
-                            weight_grads=need_weight_grads)
-    ws = workspace(x.device)
-    ticket, batch_counter, counters = ws.counters(sched.num_groups)
-    partial = ws.partial(n * sched.num_segments * c, z.dtype)
-    launch(
-        se_backward_kernel, (sched.num_programs,),
-        g, x, x if not need_dx else dx, w1, w2, z, a, e, de, da, dzp,
-        x if u is None else u, residual if has_res else x, d_residual if write_dres else x,
-        dw1, db1 if has_b1 else dw1, dw2, db2 if has_b2 else dw2,
-        partial, ticket, batch_counter, counters,
-        n, c, r, p, *g_strides, *x_strides, *dx_strides,
-        *(spatial_strides(u) if u is not None else x_strides), *(spatial_strides(residual) if has_res else x_strides),
-        *(spatial_strides(d_residual) if write_dres else x_strides), *w1.stride(), *w2.stride(),
-        *(dw1.stride() if need_weight_grads else (0, 0)), *(dw2.stride() if need_weight_grads else (0, 0)),
-        sched.item_c, sched.seg_len, sched.num_segments, sched.items_per_sample, sched.group_size, sched.num_groups,
-        sched.fc1_tiles, sched.fc2_tiles, sched.wgrad_tiles, sched.num_tickets,
-        ACT=ACT_CODES[act], GATE=GATE_CODES[gate_name], WRITE_DX=need_dx,
-        OUT=OUT_ACT_CODES[out_act], HAS_RES=has_res, WRITE_DRES=write_dres,
-        HAS_B1=has_b1, HAS_B2=has_b2, HALF_WEIGHTS=param_dtype in HALF_TYPES,
-        HALF_AS_FP32=uses_interpreter(se_backward_kernel),
-        BLOCK_C=sched.block_c, BLOCK_P=sched.block_p,
-        BLOCK_M=DOT_MIN, MLP_BLOCK_R=sched.mlp_block_r, MLP_BLOCK_C=sched.mlp_block_c,
-        WGRAD_BLOCK=sched.wgrad_block, WGRAD_SAMPLES=WGRAD_SAMPLES,
-        num_warps=MAIN_KERNEL_WARPS,
-    )
+    channel_contiguous = x_strides[1] == 1
+    flags = dict(ACT=ACT_CODES[act], GATE=GATE_CODES[gate_name], WRITE_DX=need_dx,
+                 OUT=OUT_ACT_CODES[out_act], HAS_RES=has_res, WRITE_DRES=write_dres,
+                 HAS_B1=has_b1, HAS_B2=has_b2, HALF_WEIGHTS=param_dtype in HALF_TYPES,
+                 HALF_AS_FP32=uses_interpreter(se_backward_kernel))
+
+    def run(config: LaunchConfig, counted: bool = False) -> None:
+        sched = choose_schedule(n, c, r, p, channel_contiguous, x.element_size(), x.device,
+                                weight_grads=need_weight_grads, config=config)
+        ws = workspace(x.device)
+        ticket, batch_counter, counters = ws.counters(sched.num_groups)
+        partial = ws.partial(n * sched.num_segments * c, z.dtype)
+        launch(
+            se_backward_kernel, (sched.num_programs,),
+            g, x, x if not need_dx else dx, w1, w2, z, a, e, de, da, dzp,
+            x if u is None else u, residual if has_res else x, d_residual if write_dres else x,
+            dw1, db1 if has_b1 else dw1, dw2, db2 if has_b2 else dw2,
+            partial, ticket, batch_counter, counters,
+            n, c, r, p, *g_strides, *x_strides, *dx_strides,
+            *(spatial_strides(u) if u is not None else x_strides),
+            *(spatial_strides(residual) if has_res else x_strides),
+            *(spatial_strides(d_residual) if write_dres else x_strides), *w1.stride(), *w2.stride(),
+            *(dw1.stride() if need_weight_grads else (0, 0)), *(dw2.stride() if need_weight_grads else (0, 0)),
+            sched.item_c, sched.seg_len, sched.num_segments, sched.items_per_sample, sched.group_size,
+            sched.num_groups, sched.fc1_tiles, sched.fc2_tiles, sched.wgrad_tiles, sched.num_tickets,
+            **flags, BLOCK_C=sched.block_c, BLOCK_P=sched.block_p,
+            BLOCK_M=DOT_MIN, MLP_BLOCK_R=sched.mlp_block_r, MLP_BLOCK_C=sched.mlp_block_c,
+            WGRAD_BLOCK=sched.wgrad_block, WGRAD_SAMPLES=WGRAD_SAMPLES,
+            counted=counted, **config.launch_options(),
+        )
+
+    key = ("backward", n, c, r, p, channel_contiguous, x.dtype, param_dtype, x.device, need_weight_grads,
+           tuple(flags.items()))
+    run(pick_config(key, candidate_configs(p, x.element_size()), run, x.device), counted=True)
     return dx, dw1, db1, dw2, db2, d_residual

@@ -38,10 +38,12 @@ from .schedule import (
     DOT_MIN,
     GATE_CODES,
     HALF_TYPES,
-    MAIN_KERNEL_WARPS,
     OUT_ACT_CODES,
+    LaunchConfig,
+    candidate_configs,
     choose_schedule,
     launch,
+    pick_config,
     uses_interpreter,
     workspace,
 )
@@ -184,22 +186,28 @@ def se_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: t
     if n == 0:
         return y, z, a, e
 
-    sched = choose_schedule(n, c, r, p, x_strides[1] == 1, x.element_size(), x.device)
-    ws = workspace(x.device)
-    ticket, _, counters = ws.counters(sched.num_groups)
-    partial = ws.partial(n * sched.num_segments * c, compute_dtype)
-    launch(
-        se_forward_kernel, (sched.num_programs,),
-        x, x if residual is None else residual, y, w1, w1 if b1 is None else b1, w2, w2 if b2 is None else b2,
-        z, a, e, partial, ticket, counters,
-        n, c, r, p, *x_strides, *residual_strides, *y_strides, *w1.stride(), *w2.stride(),
-        sched.item_c, sched.seg_len, sched.num_segments, sched.items_per_sample, sched.group_size, sched.num_groups,
-        sched.fc1_tiles, sched.fc2_tiles, sched.num_tickets,
-        ACT=ACT_CODES[act], GATE=GATE_CODES[gate_name], HAS_B1=b1 is not None, HAS_B2=b2 is not None,
-        HAS_RES=residual is not None, OUT=OUT_ACT_CODES[out_act], HALF_WEIGHTS=w1.dtype in HALF_TYPES,
-        HALF_AS_FP32=uses_interpreter(se_forward_kernel),
-        BLOCK_C=sched.block_c, BLOCK_P=sched.block_p,
-        BLOCK_M=DOT_MIN, MLP_BLOCK_R=sched.mlp_block_r, MLP_BLOCK_C=sched.mlp_block_c,
-        num_warps=MAIN_KERNEL_WARPS,
-    )
+    channel_contiguous = x_strides[1] == 1
+    flags = dict(ACT=ACT_CODES[act], GATE=GATE_CODES[gate_name], HAS_B1=b1 is not None, HAS_B2=b2 is not None,
+                 HAS_RES=residual is not None, OUT=OUT_ACT_CODES[out_act], HALF_WEIGHTS=w1.dtype in HALF_TYPES,
+                 HALF_AS_FP32=uses_interpreter(se_forward_kernel))
+
+    def run(config: LaunchConfig, counted: bool = False) -> None:
+        sched = choose_schedule(n, c, r, p, channel_contiguous, x.element_size(), x.device, config=config)
+        ws = workspace(x.device)
+        ticket, _, counters = ws.counters(sched.num_groups)
+        partial = ws.partial(n * sched.num_segments * c, compute_dtype)
+        launch(
+            se_forward_kernel, (sched.num_programs,),
+            x, x if residual is None else residual, y, w1, w1 if b1 is None else b1, w2, w2 if b2 is None else b2,
+            z, a, e, partial, ticket, counters,
+            n, c, r, p, *x_strides, *residual_strides, *y_strides, *w1.stride(), *w2.stride(),
+            sched.item_c, sched.seg_len, sched.num_segments, sched.items_per_sample, sched.group_size,
+            sched.num_groups, sched.fc1_tiles, sched.fc2_tiles, sched.num_tickets,
+            **flags, BLOCK_C=sched.block_c, BLOCK_P=sched.block_p,
+            BLOCK_M=DOT_MIN, MLP_BLOCK_R=sched.mlp_block_r, MLP_BLOCK_C=sched.mlp_block_c,
+            counted=counted, **config.launch_options(),
+        )
+
+    key = ("forward", n, c, r, p, channel_contiguous, x.dtype, w1.dtype, x.device, tuple(flags.items()))
+    run(pick_config(key, candidate_configs(p, x.element_size()), run, x.device), counted=True)
     return y, z, a, e

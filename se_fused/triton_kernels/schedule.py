@@ -24,15 +24,25 @@ products (``tl.dot``: tensor cores for half-precision weights).
 The counters reset themselves (the last user of each puts it back to zero), so a call needs no
 memset launch. Partial sums and batch sums run in a fixed order: results are bitwise
 deterministic.
+
+Launch configurations (docs/DESIGN.md §3.1): each regime (map size, dtype) has a small, fixed set
+of ``LaunchConfig`` candidates — tile elements (bytes in flight per step), warps, a register cap
+that fixes how many programs an SM holds, MLP tile widths. On a GPU the first call of a problem
+times each candidate once and keeps the fastest (``pick_config``); the interpreter, CUDA-graph
+capture, ``torch.use_deterministic_algorithms`` and ``SE_FUSED_AUTOTUNE=0`` take the first.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
+import time
+from collections.abc import Callable
 
 import torch
 import triton
+import triton.testing
 from triton.runtime.interpreter import InterpretedFunction
 
 from ..debug import forced_schedule, record_launch
@@ -42,13 +52,49 @@ GATE_CODES = {"sigmoid": 0, "hard_sigmoid": 1}
 OUT_ACT_CODES = {"none": 0, "relu": 1, "silu": 2}
 HALF_TYPES = (torch.float16, torch.bfloat16)  # weights whose MLP products run on tensor cores
 
-TILE_ELEMENTS = 4096  # elements a program holds per loop step
 ITEM_ELEMENTS = 16384  # elements per split item: amortises its two atomics and partial-sum store
 SAMPLE_BYTES_PER_PROGRAM = 128 * 1024  # largest sample one program handles alone
-MAIN_KERNEL_WARPS = 8  # 16 tile elements a thread: fewer registers than 4 warps (see tests/compile_for_gpu.py)
 INTERPRETER_SMS = 4  # a small pretend GPU, so the interpreter takes both regimes
 DOT_MIN = 16  # tl.dot needs every dimension >= 16; also the samples per step of an MLP tile (fewest registers)
 WGRAD_SAMPLES = 16  # samples per step of a weight-gradient tile
+REGISTERS_PER_SM = 65536  # sm_80 and sm_90
+MAX_WARPS_PER_SM = 64  # sm_80 and sm_90
+UNCAPPED_PROGRAMS_PER_SM = 4  # no register cap: occupancy unknown before compiling; spare programs retire at once
+SMALL_MAP = 196  # P up to 14x14: the MLP, not the memory passes, sets the time
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    """One candidate launch of the main kernels (docs/DESIGN.md §3.1)."""
+
+    tile_elements: int = 4096  # elements a program holds per loop step of the memory passes
+    num_warps: int = 8  # 16 tile elements a thread at 4096: fewer registers than 4 warps
+    maxnreg: int | None = None  # a register cap: fixes how many programs an SM holds (None: the compiler's)
+    mlp_block_r: int = 32  # hidden units per M1 tile (upper bound: R rounded up to a power of two)
+    mlp_block_c: int = 64  # channels per M2 tile
+
+    def programs_per_sm(self) -> int:
+        if self.maxnreg is None:
+            return UNCAPPED_PROGRAMS_PER_SM
+        return max(1, min(REGISTERS_PER_SM // (self.num_warps * 32 * self.maxnreg),
+                          MAX_WARPS_PER_SM // self.num_warps))
+
+    def launch_options(self) -> dict:
+        return {"num_warps": self.num_warps, **({"maxnreg": self.maxnreg} if self.maxnreg else {})}
+
+
+DEFAULT_CONFIG = LaunchConfig()
+# Small maps: the MLP tiles set the time; narrower ones spread a group's MLP over more programs.
+SMALL_MAP_CONFIGS = (DEFAULT_CONFIG, LaunchConfig(maxnreg=128), LaunchConfig(maxnreg=128, mlp_block_r=16, mlp_block_c=32))
+# Large maps: bytes in flight per SM — two programs an SM (capped registers), then twice the tile each.
+LARGE_MAP_CONFIGS = (DEFAULT_CONFIG, LaunchConfig(maxnreg=128), LaunchConfig(tile_elements=8192, maxnreg=128))
+
+
+def candidate_configs(p: int, element_size: int) -> tuple[LaunchConfig, ...]:
+    """The regime's candidates, the first one the default. float64 (gradcheck, oracles) keeps one."""
+    if element_size == 8:
+        return (DEFAULT_CONFIG,)
+    return SMALL_MAP_CONFIGS if p <= SMALL_MAP else LARGE_MAP_CONFIGS
 
 
 def _next_pow2(v: int) -> int:
@@ -76,9 +122,9 @@ class Schedule:
     num_programs: int
 
 
-def resident_programs(device: torch.device) -> int:
+def resident_programs(device: torch.device, config: LaunchConfig) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count * 4
+        return torch.cuda.get_device_properties(device).multi_processor_count * config.programs_per_sm()
     return INTERPRETER_SMS * 4
 
 
@@ -89,17 +135,19 @@ def l2_bytes(device: torch.device) -> int | None:
 
 
 def choose_schedule(n: int, c: int, r: int, p: int, channel_contiguous: bool, element_size: int,
-                    device: torch.device, weight_grads: bool = False) -> Schedule:
-    """Tile sizes and regime for one (N, C, R, P) problem (``debug.force_schedule`` overrides them).
-    ``weight_grads``: the backward's weight-gradient tiles are part of the launch."""
+                    device: torch.device, weight_grads: bool = False,
+                    config: LaunchConfig = DEFAULT_CONFIG) -> Schedule:
+    """Tile sizes and regime for one (N, C, R, P) problem under ``config`` (``debug.force_schedule``
+    overrides them). ``weight_grads``: the backward's weight-gradient tiles are part of the launch."""
     forced = forced_schedule()
+    tile = config.tile_elements
     if channel_contiguous:
         block_c = forced.get("block_c", min(_next_pow2(c), 128))
-        block_p = forced.get("block_p", min(_next_pow2(p), max(1, TILE_ELEMENTS // block_c)))
+        block_p = forced.get("block_p", min(_next_pow2(p), max(1, tile // block_c)))
     else:
         block_p = forced.get("block_p", min(_next_pow2(p), 256))
-        block_c = forced.get("block_c", min(_next_pow2(c), max(1, TILE_ELEMENTS // block_p)))
-    programs = forced.get("num_programs", resident_programs(device))
+        block_c = forced.get("block_c", min(_next_pow2(c), max(1, tile // block_p)))
+    programs = forced.get("num_programs", resident_programs(device, config))
     channel_blocks = triton.cdiv(c, block_c)
     sample_bytes = c * p * element_size
     split = forced.get("split", not (n >= programs and sample_bytes <= SAMPLE_BYTES_PER_PROGRAM))
@@ -120,7 +168,8 @@ def choose_schedule(n: int, c: int, r: int, p: int, channel_contiguous: bool, el
     group_size = min(n, forced.get("group_size", group_size))
     num_groups = triton.cdiv(n, group_size)
     if device.type == "cuda":  # small tiles: many programs share a group's MLP
-        mlp_block_r, mlp_block_c, wgrad_block = min(32, max(DOT_MIN, _next_pow2(r))), 64, 32
+        mlp_block_r = min(config.mlp_block_r, max(DOT_MIN, _next_pow2(r)))
+        mlp_block_c, wgrad_block = config.mlp_block_c, 32
     else:  # the interpreter: its cost is per operation, not per element, so few, large tiles
         mlp_block_r, mlp_block_c, wgrad_block = min(128, max(DOT_MIN, _next_pow2(r))), 256, 128
     mlp_block_r = forced.get("mlp_block_r", mlp_block_r)
@@ -188,10 +237,59 @@ def uses_interpreter(kernel) -> bool:
 
 
 _interpreter_lock = threading.Lock()
+_tuned: dict[tuple, LaunchConfig] = {}  # problem key -> the fastest candidate measured
+_tuned_lock = threading.Lock()
 
 
-def launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
-    record_launch(kernel.fn.__name__)
+def autotune_enabled(device: torch.device) -> bool:
+    """SE_FUSED_AUTOTUNE=0/1 decides; otherwise on for GPUs, off for the interpreter."""
+    setting = os.environ.get("SE_FUSED_AUTOTUNE")
+    if setting is not None:
+        return setting != "0"
+    return device.type == "cuda"
+
+
+def _time_ms(run: Callable[[LaunchConfig], None], config: LaunchConfig, device: torch.device) -> float:
+    """One candidate's time: on a GPU the median of repeated launches, L2 flushed between them."""
+    if device.type == "cuda":
+        return triton.testing.do_bench(lambda: run(config), warmup=5, rep=20, return_mode="median")
+    start = time.perf_counter()
+    run(config)
+    return (time.perf_counter() - start) * 1e3
+
+
+def pick_config(key: tuple, candidates: tuple[LaunchConfig, ...], run: Callable[[LaunchConfig], None],
+                device: torch.device) -> LaunchConfig:
+    """The configuration for problem ``key``: ``force_schedule(config=i)``'s choice, else the first
+    candidate where tuning is off, else the fastest of one timing of each (``run`` launches one;
+    the choice is kept for the process, so repeated calls stay bitwise identical).
+
+    Tuning is off for one candidate, under ``torch.use_deterministic_algorithms`` (the choice could
+    differ between processes, and with it the rounding) and while a CUDA graph is captured (a graph
+    replays what was captured: timing would not run; an earlier choice is used if there is one).
+    """
+    forced = forced_schedule().get("config")
+    if forced is not None:
+        if not 0 <= forced < len(candidates):
+            raise ValueError(f"force_schedule(config={forced}): this problem has {len(candidates)} candidate(s)")
+        return candidates[forced]
+    if len(candidates) == 1 or not autotune_enabled(device) or torch.are_deterministic_algorithms_enabled():
+        return candidates[0]
+    tuned = _tuned.get(key)
+    if tuned is not None:
+        return tuned
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return candidates[0]
+    times = [_time_ms(run, config, device) for config in candidates]
+    best = candidates[times.index(min(times))]
+    with _tuned_lock:
+        return _tuned.setdefault(key, best)
+
+
+def launch(kernel, grid: tuple[int, ...], *args, counted: bool = True, **meta) -> None:
+    """One launch; ``counted=False`` (the tuner's timing runs) leaves it out of ``count_kernel_launches``."""
+    if counted:
+        record_launch(kernel.fn.__name__)
     if uses_interpreter(kernel):
         with _interpreter_lock:  # Triton's interpreter patches triton.language per launch: one at a time
             kernel[grid](*args, **meta)

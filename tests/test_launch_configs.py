@@ -1,0 +1,115 @@
+"""The Triton kernels' launch configurations (docs/DESIGN.md §3.1): every candidate of every regime
+meets the accuracy rule, and the tuner times each candidate once, keeps the fastest, stays out of
+the launch count, and is off where it must be."""
+
+import pytest
+import torch
+
+import se_fused
+from se_fused import FusedSE
+from se_fused.debug import force_schedule
+from se_fused.triton_kernels import schedule
+from se_fused.triton_kernels.schedule import SMALL_MAP, candidate_configs
+
+from conftest import TRITON_DEVICES
+from se_reference import Case, check_against_reference
+
+# One SE shape of each regime: a small map (the MLP sets the time) and a large one.
+REGIME_CASES = {"small-map": Case(3, 48, 7, 7, 40, act="silu"), "large-map": Case(2, 24, 16, 16, 6, gate="hard_sigmoid")}
+
+
+def test_regimes_have_their_candidates():
+    assert 7 * 7 <= SMALL_MAP < 16 * 16
+    for p in (49, 256):
+        configs = candidate_configs(p, 2)
+        assert len(configs) == len(set(configs)) >= 2
+        assert configs[0] == schedule.DEFAULT_CONFIG
+        assert all(c.programs_per_sm() >= 1 and c.num_warps in (4, 8) for c in configs)
+    assert candidate_configs(49, 8) == (schedule.DEFAULT_CONFIG,)  # float64: one configuration
+    capped = schedule.LaunchConfig(maxnreg=128)
+    assert capped.programs_per_sm() == 2  # 128 registers x 256 threads: two programs fill an SM's registers
+    assert capped.launch_options() == {"num_warps": 8, "maxnreg": 128}
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("regime", list(REGIME_CASES))
+@pytest.mark.parametrize("dtype, channels_last", [(torch.float32, False), (torch.bfloat16, True)],
+                         ids=["float32-nchw", "bfloat16-channels_last"])
+def test_every_candidate_meets_the_accuracy_rule(regime, dtype, channels_last, device):
+    case = REGIME_CASES[regime]
+    configs = candidate_configs(case.h * case.w, dtype.itemsize)
+    for index, config in enumerate(configs):
+        # the interpreter picks its own (large) MLP tiles; force the GPU's, which the candidates set
+        with force_schedule(config=index, mlp_block_r=config.mlp_block_r, mlp_block_c=config.mlp_block_c):
+            check_against_reference(case, "triton", device, dtype, channels_last=channels_last)
+
+
+@pytest.fixture
+def tuning(monkeypatch):
+    """Tuning on (also in the interpreter), a fake clock that makes the last candidate the fastest,
+    and an empty choice cache; yields the list of timed configurations."""
+    monkeypatch.setenv("SE_FUSED_AUTOTUNE", "1")
+    monkeypatch.setattr(schedule, "_tuned", {})
+    timed = []
+
+    def fake_time_ms(run, config, device):
+        run(config)
+        timed.append(config)
+        return 1.0 / (1 + len(timed) % 3)  # 1/2, 1/3, 1: the second candidate of three is the fastest
+
+    monkeypatch.setattr(schedule, "_time_ms", fake_time_ms)
+    return timed
+
+
+def _fused(device):
+    torch.manual_seed(3)
+    return FusedSE(48, rd_channels=40, backend="triton").to(device)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_tuner_times_every_candidate_once_and_keeps_the_fastest(tuning, device):
+    fused = _fused(device)
+    x = torch.randn(3, 48, 7, 7, device=device, requires_grad=True)
+    configs = candidate_configs(49, x.element_size())
+    with se_fused.count_kernel_launches() as launches:
+        y = fused(x)
+        y.backward(torch.ones_like(y))
+    assert launches.count == 2, launches  # the timing runs are not counted
+    assert tuning == list(configs) * 2  # forward, then backward: each candidate timed once
+    assert sorted(schedule._tuned.values(), key=str) == [configs[1]] * 2
+    dx = x.grad.clone()
+    with force_schedule(config=1):  # what the tuner chose: the same bits
+        x.grad = None
+        y_forced = fused(x)
+        y_forced.backward(torch.ones_like(y_forced))
+    assert torch.equal(y, y_forced) and torch.equal(dx, x.grad)
+    fused(x).sum().backward()
+    assert len(tuning) == 2 * len(configs)  # the choice is kept: no more timing
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("why", ["SE_FUSED_AUTOTUNE=0", "deterministic algorithms", "forced"])
+def test_tuner_stays_off(tuning, monkeypatch, why, device):
+    fused = _fused(device)
+    x = torch.randn(2, 48, 7, 7, device=device)
+    if why == "SE_FUSED_AUTOTUNE=0":
+        monkeypatch.setenv("SE_FUSED_AUTOTUNE", "0")
+        fused(x)
+    elif why == "deterministic algorithms":
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            fused(x)
+        finally:
+            torch.use_deterministic_algorithms(previous)
+    else:
+        with force_schedule(config=2):
+            fused(x)
+    assert tuning == [] and schedule._tuned == {}
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_forced_config_out_of_range_is_named(device):
+    fused = FusedSE(8, rd_channels=4, backend="triton").to(device=device, dtype=torch.float64)
+    with force_schedule(config=1), pytest.raises(ValueError, match=r"config=1.*1 candidate"):
+        fused(torch.randn(1, 8, 3, 3, device=device, dtype=torch.float64))
