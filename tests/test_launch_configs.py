@@ -4,6 +4,7 @@ the launch count, and is off where it must be."""
 
 import pytest
 import torch
+from triton.runtime.errors import OutOfResources
 
 import se_fused
 from se_fused import FusedSE
@@ -85,6 +86,31 @@ def test_tuner_times_every_candidate_once_and_keeps_the_fastest(tuning, device):
     assert torch.equal(y, y_forced) and torch.equal(dx, x.grad)
     fused(x).sum().backward()
     assert len(tuning) == 2 * len(configs)  # the choice is kept: no more timing
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("failing", [1, 0], ids=["a-candidate", "the-default"])
+def test_tuner_skips_a_candidate_the_gpu_cannot_hold(tuning, monkeypatch, failing, device):
+    configs = candidate_configs(49, 4)
+    timed = []
+
+    def time_ms(run, config, device):
+        if config is configs[failing]:
+            raise OutOfResources(300000, 232448, "shared memory")
+        timed.append(config)
+        return float(len(timed))  # the first that runs is the fastest
+
+    monkeypatch.setattr(schedule, "_time_ms", time_ms)
+    fused = _fused(device)
+    x = torch.randn(2, 48, 7, 7, device=device)
+    if failing == 0:
+        with pytest.raises(OutOfResources):
+            fused(x)
+        return
+    y = fused(x)
+    assert list(schedule._tuned.values()) == [configs[0]] and timed == [configs[0], configs[2]]
+    with force_schedule(config=0):
+        assert torch.equal(y, fused(x))
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)

@@ -35,6 +35,7 @@ capture, ``torch.use_deterministic_algorithms`` and ``SE_FUSED_AUTOTUNE=0`` take
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import threading
 import time
@@ -43,6 +44,8 @@ from collections.abc import Callable
 import torch
 import triton
 import triton.testing
+from triton.compiler.errors import CompileTimeAssertionFailure
+from triton.runtime.errors import OutOfResources, PTXASError
 from triton.runtime.interpreter import InterpretedFunction
 
 from ..debug import forced_schedule, record_launch
@@ -264,7 +267,7 @@ def pick_config(key: tuple, candidates: tuple[LaunchConfig, ...], run: Callable[
     candidate where tuning is off, else the fastest of one timing of each (``run`` launches one;
     the choice is kept for the process, so repeated calls stay bitwise identical).
 
-    Tuning is off for one candidate, under ``torch.use_deterministic_algorithms`` (the choice could
+    A candidate that this GPU cannot compile or hold is skipped. Tuning is off for one candidate, under ``torch.use_deterministic_algorithms`` (the choice could
     differ between processes, and with it the rounding) and while a CUDA graph is captured (a graph
     replays what was captured: timing would not run; an earlier choice is used if there is one).
     """
@@ -280,7 +283,14 @@ def pick_config(key: tuple, candidates: tuple[LaunchConfig, ...], run: Callable[
         return tuned
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return candidates[0]
-    times = [_time_ms(run, config, device) for config in candidates]
+    times = []
+    for config in candidates:
+        try:
+            times.append(_time_ms(run, config, device))
+        except (OutOfResources, PTXASError, CompileTimeAssertionFailure):
+            if config is candidates[0]:  # the default is what runs untuned: its failure is the caller's
+                raise
+            times.append(math.inf)  # this GPU cannot hold that candidate (registers, shared memory)
     best = candidates[times.index(min(times))]
     with _tuned_lock:
         return _tuned.setdefault(key, best)
