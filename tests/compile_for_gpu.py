@@ -109,15 +109,17 @@ def _blocks(config, channels_last: bool) -> dict:
     return dict(BLOCK_C=config.tile_elements // 256, BLOCK_P=256)
 
 
-def _kernels(arch, x, param, config, layout, aligned, tails=False):
+def _kernels(arch, x, param, config, layout, aligned, tails=False, row_align=1):
     """The forward and backward of one dtype pair and layout (with the residual tail's variants)."""
     nchw = ("stride_xp", "stride_yp", "stride_gp", "stride_dp", "stride_rp", "stride_up", "stride_tp")
     channels_last = ("stride_xc", "stride_yc", "stride_gc", "stride_dc", "stride_rc", "stride_uc", "stride_tc")
     weights = ("stride_w1c", "stride_w2r", "stride_dw1c", "stride_dw2r")  # contiguous (R, C) and (C, R)
-    unit = (channels_last if layout == "channels_last" else nchw) + weights
+    is_channels_last = layout.startswith("channels_last")
+    unit = (channels_last if is_channels_last else nchw) + weights
     common = dict(ACT=1, GATE=0, BLOCK_M=DOT_MIN, MLP_BLOCK_R=config.mlp_block_r, MLP_BLOCK_C=config.mlp_block_c,
                   HAS_B1=True, HAS_B2=True, HALF_WEIGHTS=param in ("float16", "bfloat16"), HALF_AS_FP32=False,
-                  **_blocks(config, layout == "channels_last"))
+                  ALIGN_C=1 if is_channels_last else row_align, ALIGN_P=row_align if is_channels_last else 1,
+                  **_blocks(config, is_channels_last))
     fwd = dict(common, HAS_RES=False, OUT=0)
     bwd = dict(common, WRITE_DX=True, OUT=0, HAS_RES=False, WRITE_DRES=False, WGRAD_BLOCK=32,
                WGRAD_SAMPLES=WGRAD_SAMPLES)
@@ -142,6 +144,10 @@ def variants():
     for config, aligned in [(c, False) for c in SMALL_MAP_CONFIGS[1:]] + [(c, True) for c in LARGE_MAP_CONFIGS]:
         for layout in ("nchw", "channels_last"):
             yield from _kernels(90, "bfloat16", "bfloat16", config, layout, aligned)
+    # odd rows that start on a multiple of 4 (14x14 NCHW) or 8 elements (72 channels): aligned_view's hint
+    for layout, row_align in (("nchw", 4), ("channels_last", 8)):
+        yield from _kernels(90, "bfloat16", "bfloat16", DEFAULT_CONFIG, f"{layout} rows%{row_align}", False,
+                            row_align=row_align)
 
 
 def config_name(config) -> str:

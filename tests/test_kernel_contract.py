@@ -152,3 +152,57 @@ def test_expanded_and_channels_last_upstream_gradients(device):
         ref(x_ref).backward(grad)
         fused(x_fused).backward(grad)
         torch.testing.assert_close(x_fused.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+def _alignment(x, residual=None):
+    from se_fused.spec import spatial_strides
+    from se_fused.triton_kernels.schedule import choose_schedule, vector_alignment
+
+    n, c, h, w = x.shape
+    channel_contiguous = spatial_strides(x)[1] == 1
+    sched = choose_schedule(n, c, 8, h * w, channel_contiguous, x.element_size(), x.device)
+    views = [(t, spatial_strides(t)) for t in (x, residual) if t is not None]
+    return vector_alignment(sched, channel_contiguous, c, h * w, x.element_size(), *views)
+
+
+def _cl(t):
+    return t.to(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("make_x, residual_layout, expected", [
+    (lambda: torch.randn(2, 16, 14, 14), None, (4, 1)),  # rows of 196: 16-byte starts in float32
+    (lambda: torch.randn(2, 16, 14, 14, dtype=torch.bfloat16), None, (4, 1)),  # 8-byte starts
+    (lambda: torch.randn(2, 16, 7, 7), None, (1, 1)),  # rows of 49: any start
+    (lambda: torch.randn(2, 16, 16, 16), None, (4, 1)),  # Triton knows it already; the hint is true too
+    (lambda: _cl(torch.randn(2, 72, 5, 5, dtype=torch.bfloat16)), None, (1, 8)),
+    (lambda: _cl(torch.randn(2, 40, 3, 3, dtype=torch.float16)), None, (1, 8)),
+    (lambda: _cl(torch.randn(2, 120, 5, 5)), None, (1, 4)),
+    (lambda: _cl(torch.randn(2, 6, 5, 5)), None, (1, 2)),
+    (lambda: torch.randn(2 * 16 * 196 + 1)[1:].view(2, 16, 14, 14), None, (1, 1)),  # the data starts off 16 bytes
+    (lambda: torch.randn(3, 16, 14, 14)[1:], None, (4, 1)),  # a batch slice: still on 16 bytes
+    (lambda: torch.randn(2, 16, 14, 14), "channels_last", (1, 1)),  # views contiguous along different axes
+    (lambda: torch.randn(2, 16, 14, 14), "nchw_odd", (1, 1)),  # a residual whose data starts off alignment
+])
+def test_vector_alignment_is_promised_only_when_true(make_x, residual_layout, expected):
+    x = make_x()
+    residual = None
+    if residual_layout == "channels_last":
+        residual = _cl(torch.randn(x.shape, dtype=x.dtype))
+    elif residual_layout == "nchw_odd":
+        residual = torch.randn(x.numel() + 3, dtype=x.dtype)[3:].view(x.shape)
+    assert _alignment(x, residual) == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape, channels_last, out_act", [
+    ((3, 24, 14, 14), False, None), ((2, 72, 5, 5), True, None), ((2, 40, 6, 6), True, "silu"),
+    ((2, 20, 14, 14), False, "relu"),
+], ids=["nchw-14x14", "channels_last-72", "channels_last-40-tail", "nchw-14x14-tail"])
+def test_rows_on_4_and_8_element_starts_meet_the_accuracy_rule(shape, channels_last, out_act, dtype, device):
+    """Shapes whose rows start on multiples of 2-8 elements but not 16: the kernels' strides pass through
+    aligned_view's rounding, so a wrong promise would move rows (and fail here under the interpreter too)."""
+    from se_reference import Case, check_against_reference
+
+    n, c, h, w = shape
+    check_against_reference(Case(n, c, h, w, 6, act="silu"), "triton", device, dtype, channels_last=channels_last,
+                            out_act=out_act, residual=out_act is not None)

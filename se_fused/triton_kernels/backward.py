@@ -27,6 +27,7 @@ from .device import (
     PHASE_RESCALE,
     activation,
     activation_backward,
+    aligned_view,
     arrive,
     arrive_last,
     gate,
@@ -34,6 +35,7 @@ from .device import (
     load_block,
     locate_work,
     mma,
+    multiple,
     next_ticket,
     partial_sums,
     reduce_chunk,
@@ -55,6 +57,7 @@ from .schedule import (
     launch,
     pick_config,
     uses_interpreter,
+    vector_alignment,
     workspace,
 )
 
@@ -226,10 +229,18 @@ def se_backward_kernel(
     ACT: tl.constexpr, GATE: tl.constexpr, WRITE_DX: tl.constexpr,
     OUT: tl.constexpr, HAS_RES: tl.constexpr, WRITE_DRES: tl.constexpr,
     HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, HALF_WEIGHTS: tl.constexpr, HALF_AS_FP32: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ALIGN_C: tl.constexpr, ALIGN_P: tl.constexpr,
     BLOCK_M: tl.constexpr, MLP_BLOCK_R: tl.constexpr, MLP_BLOCK_C: tl.constexpr,
     WGRAD_BLOCK: tl.constexpr, WGRAD_SAMPLES: tl.constexpr,
 ):
+    stride_gn, stride_gc, stride_gp = aligned_view(stride_gn, stride_gc, stride_gp, ALIGN_C, ALIGN_P)
+    stride_xn, stride_xc, stride_xp = aligned_view(stride_xn, stride_xc, stride_xp, ALIGN_C, ALIGN_P)
+    stride_dn, stride_dc, stride_dp = aligned_view(stride_dn, stride_dc, stride_dp, ALIGN_C, ALIGN_P)
+    stride_un, stride_uc, stride_up = aligned_view(stride_un, stride_uc, stride_up, ALIGN_C, ALIGN_P)
+    stride_rn, stride_rc, stride_rp = aligned_view(stride_rn, stride_rc, stride_rp, ALIGN_C, ALIGN_P)
+    stride_tn, stride_tc, stride_tp = aligned_view(stride_tn, stride_tc, stride_tp, ALIGN_C, ALIGN_P)
+    P, seg_len = multiple(P, ALIGN_C), multiple(seg_len, ALIGN_C)  # row ends and segment starts (NCHW)
+    C, item_c = multiple(C, ALIGN_P), multiple(item_c, ALIGN_P)  # (channels_last)
     mlps_done = num_groups * fc2_tiles  # the batch counter once every group's MLP tiles are done
     ticket = next_ticket(ticket_ptr)
     while ticket < num_tickets:
@@ -327,9 +338,16 @@ def se_backward(g: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Te
                  HAS_B1=has_b1, HAS_B2=has_b2, HALF_WEIGHTS=param_dtype in HALF_TYPES,
                  HALF_AS_FP32=uses_interpreter(se_backward_kernel))
 
+    u_strides = spatial_strides(u) if u is not None else x_strides
+    residual_strides = spatial_strides(residual) if has_res else x_strides
+    d_residual_strides = spatial_strides(d_residual) if write_dres else x_strides
+    streamed = [(g, g_strides), (x, x_strides)] + [(dx, dx_strides)] * need_dx + [(u, u_strides)] * (u is not None)
+    streamed += [(residual, residual_strides)] * has_res + [(d_residual, d_residual_strides)] * write_dres
+
     def run(config: LaunchConfig, counted: bool = False) -> None:
         sched = choose_schedule(n, c, r, p, channel_contiguous, x.element_size(), x.device,
                                 weight_grads=need_weight_grads, config=config)
+        align_c, align_p = vector_alignment(sched, channel_contiguous, c, p, x.element_size(), *streamed)
         ws = workspace(x.device)
         ticket, batch_counter, counters = ws.counters(sched.num_groups)
         partial = ws.partial(n * sched.num_segments * c, z.dtype)
@@ -339,14 +357,12 @@ def se_backward(g: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Te
             x if u is None else u, residual if has_res else x, d_residual if write_dres else x,
             dw1, db1 if has_b1 else dw1, dw2, db2 if has_b2 else dw2,
             partial, ticket, batch_counter, counters,
-            n, c, r, p, *g_strides, *x_strides, *dx_strides,
-            *(spatial_strides(u) if u is not None else x_strides),
-            *(spatial_strides(residual) if has_res else x_strides),
-            *(spatial_strides(d_residual) if write_dres else x_strides), *w1.stride(), *w2.stride(),
+            n, c, r, p, *g_strides, *x_strides, *dx_strides, *u_strides, *residual_strides, *d_residual_strides,
+            *w1.stride(), *w2.stride(),
             *(dw1.stride() if need_weight_grads else (0, 0)), *(dw2.stride() if need_weight_grads else (0, 0)),
             sched.item_c, sched.seg_len, sched.num_segments, sched.items_per_sample, sched.group_size,
             sched.num_groups, sched.fc1_tiles, sched.fc2_tiles, sched.wgrad_tiles, sched.num_tickets,
-            **flags, BLOCK_C=sched.block_c, BLOCK_P=sched.block_p,
+            **flags, BLOCK_C=sched.block_c, BLOCK_P=sched.block_p, ALIGN_C=align_c, ALIGN_P=align_p,
             BLOCK_M=DOT_MIN, MLP_BLOCK_R=sched.mlp_block_r, MLP_BLOCK_C=sched.mlp_block_c,
             WGRAD_BLOCK=sched.wgrad_block, WGRAD_SAMPLES=WGRAD_SAMPLES,
             counted=counted, **config.launch_options(),

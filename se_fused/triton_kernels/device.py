@@ -157,6 +157,23 @@ def tail_grad_tile(
 
 
 @triton.jit
+def multiple(v, ALIGN: tl.constexpr):
+    """v, which the host checked is a multiple of ALIGN, written so that Triton's analysis knows it too
+    (from arguments it learns only divisibility by 16). ALIGN 1: v as it is (a unit stride is a constexpr)."""
+    if ALIGN > 1:
+        v = (v // ALIGN) * ALIGN
+    return v
+
+
+@triton.jit
+def aligned_view(stride_n, stride_c, stride_p, ALIGN_C: tl.constexpr, ALIGN_P: tl.constexpr):
+    """A streamed view's strides, with the host's promise that rows start on a multiple of ALIGN_C
+    (NCHW: rows of positions) or ALIGN_P (channels_last) elements: their loads become 8- or 16-byte
+    vectors where the row length is a multiple of 4 or 8 but not of 16 (docs/DESIGN.md §3.1)."""
+    return multiple(stride_n, ALIGN_C * ALIGN_P), multiple(stride_c, ALIGN_C), multiple(stride_p, ALIGN_P)
+
+
+@triton.jit
 def partial_sums(partial_ptr, offs_m, mask_m, num_segments, offs_c, mask_c, C):
     """[samples, channels] Σ over each sample's segments of the partial sums (fixed order:
     deterministic). `.cg` reads from L2: other programs wrote these, and L1 is not coherent."""

@@ -21,11 +21,13 @@ from .device import (
     PHASE_REDUCE,
     activation,
     arrive,
+    aligned_view,
     arrive_last,
     gate,
     load_block,
     locate_work,
     mma,
+    multiple,
     next_ticket,
     partial_sums,
     reduce_chunk,
@@ -45,6 +47,7 @@ from .schedule import (
     launch,
     pick_config,
     uses_interpreter,
+    vector_alignment,
     workspace,
 )
 
@@ -129,9 +132,14 @@ def se_forward_kernel(
     item_c, seg_len, num_segments, items_per_sample, group_size, num_groups, fc1_tiles, fc2_tiles, num_tickets,
     ACT: tl.constexpr, GATE: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
     HAS_RES: tl.constexpr, OUT: tl.constexpr, HALF_WEIGHTS: tl.constexpr, HALF_AS_FP32: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ALIGN_C: tl.constexpr, ALIGN_P: tl.constexpr,
     BLOCK_M: tl.constexpr, MLP_BLOCK_R: tl.constexpr, MLP_BLOCK_C: tl.constexpr,
 ):
+    stride_xn, stride_xc, stride_xp = aligned_view(stride_xn, stride_xc, stride_xp, ALIGN_C, ALIGN_P)
+    stride_rn, stride_rc, stride_rp = aligned_view(stride_rn, stride_rc, stride_rp, ALIGN_C, ALIGN_P)
+    stride_yn, stride_yc, stride_yp = aligned_view(stride_yn, stride_yc, stride_yp, ALIGN_C, ALIGN_P)
+    P, seg_len = multiple(P, ALIGN_C), multiple(seg_len, ALIGN_C)  # row ends and segment starts (NCHW)
+    C, item_c = multiple(C, ALIGN_P), multiple(item_c, ALIGN_P)  # (channels_last)
     ticket = next_ticket(ticket_ptr)
     while ticket < num_tickets:
         phase, g, n0, n1, reduced, excited, index, n, seg, c_start, p_start, p_end = locate_work(
@@ -193,6 +201,9 @@ def se_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: t
 
     def run(config: LaunchConfig, counted: bool = False) -> None:
         sched = choose_schedule(n, c, r, p, channel_contiguous, x.element_size(), x.device, config=config)
+        align_c, align_p = vector_alignment(sched, channel_contiguous, c, p, x.element_size(),
+                                            (x, x_strides), (y, y_strides),
+                                            *([] if residual is None else [(residual, residual_strides)]))
         ws = workspace(x.device)
         ticket, _, counters = ws.counters(sched.num_groups)
         partial = ws.partial(n * sched.num_segments * c, compute_dtype)
@@ -203,7 +214,7 @@ def se_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: t
             n, c, r, p, *x_strides, *residual_strides, *y_strides, *w1.stride(), *w2.stride(),
             sched.item_c, sched.seg_len, sched.num_segments, sched.items_per_sample, sched.group_size,
             sched.num_groups, sched.fc1_tiles, sched.fc2_tiles, sched.num_tickets,
-            **flags, BLOCK_C=sched.block_c, BLOCK_P=sched.block_p,
+            **flags, BLOCK_C=sched.block_c, BLOCK_P=sched.block_p, ALIGN_C=align_c, ALIGN_P=align_p,
             BLOCK_M=DOT_MIN, MLP_BLOCK_R=sched.mlp_block_r, MLP_BLOCK_C=sched.mlp_block_c,
             counted=counted, **config.launch_options(),
         )

@@ -186,6 +186,26 @@ def choose_schedule(n: int, c: int, r: int, p: int, channel_contiguous: bool, el
                     num_tickets, min(programs, num_tickets))
 
 
+def vector_alignment(sched: Schedule, channel_contiguous: bool, c: int, p: int, element_size: int,
+                     *views: tuple[torch.Tensor, tuple[int, int, int]]) -> tuple[int, int]:
+    """(ALIGN_C, ALIGN_P) for the kernels' ``aligned_view``: the largest multiple, up to 16 bytes of
+    elements, that every streamed view's rows start on (data pointer, sample stride and the stride
+    across rows) and that the row length, segment starts and tiles keep; it goes to the stride across
+    rows (ALIGN_C for NCHW rows, ALIGN_P for channels_last), 1 to the other. (1, 1) unless every view
+    is contiguous along the same axis: a promise Triton cannot check, so it is made only when true."""
+    axis = 1 if channel_contiguous else 2  # (n, c, p) index of the contiguous axis
+    across = 3 - axis
+    values = [c, sched.item_c, sched.block_c] if channel_contiguous else [p, sched.seg_len, sched.block_p]
+    for t, strides in views:
+        if strides[axis] != 1 or t.data_ptr() % element_size:
+            return 1, 1
+        values += [strides[0], strides[across], t.data_ptr() // element_size]
+    align = 16 // element_size
+    while align > 1 and any(v % align for v in values):
+        align //= 2
+    return (1, align) if channel_contiguous else (align, 1)
+
+
 class Workspace:
     """Self-resetting counters and partial-sum buffers of one stream (or of the interpreter)."""
 
