@@ -152,7 +152,8 @@ def variants():
 
 def config_name(config) -> str:
     cap = f"/{config.maxnreg}reg" if config.maxnreg else ""
-    return f"{config.tile_elements}x{config.num_warps}w{cap} mlp{config.mlp_block_r}/{config.mlp_block_c}"
+    return (f"{config.tile_elements}x{config.num_warps}w{cap} {config.num_stages}st "
+            f"mlp{config.mlp_block_r}/{config.mlp_block_c}")
 
 
 def main() -> int:
@@ -163,7 +164,7 @@ def main() -> int:
     for kernel, arch, x, param, constexprs, unit, layout, config, aligned in variants():
         compiled = compile_variant(kernel, arch, x, param, constexprs, unit, config, aligned)
         print(f"sm_{arch} {kernel.fn.__name__:18s} x={x:9s} params={param:8s} {layout:19s} "
-              f"{config_name(config):26s} {'aligned' if aligned else 'odd':7s} "
+              f"{config_name(config):30s} {'aligned' if aligned else 'odd':7s} "
               f"mlp={matrix_instructions(compiled):8s} {resource_usage(compiled)} {global_loads(compiled)}")
         count += 1
     print(f"compiled {count} kernel variants")

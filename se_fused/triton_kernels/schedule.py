@@ -37,13 +37,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import statistics
 import threading
 import time
 from collections.abc import Callable
 
 import torch
 import triton
-import triton.testing
 from triton.compiler.errors import CompileTimeAssertionFailure
 from triton.runtime.errors import OutOfResources, PTXASError
 from triton.runtime.interpreter import InterpretedFunction
@@ -64,6 +64,7 @@ REGISTERS_PER_SM = 65536  # sm_80 and sm_90
 MAX_WARPS_PER_SM = 64  # sm_80 and sm_90
 UNCAPPED_PROGRAMS_PER_SM = 4  # no register cap: occupancy unknown before compiling; spare programs retire at once
 SMALL_MAP = 196  # P up to 14x14: the MLP, not the memory passes, sets the time
+TUNING_RUNS = 5  # timed launches per candidate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +74,7 @@ class LaunchConfig:
     tile_elements: int = 4096  # elements a program holds per loop step of the memory passes
     num_warps: int = 8  # 16 tile elements a thread at 4096: fewer registers than 4 warps
     maxnreg: int | None = None  # a register cap: fixes how many programs an SM holds (None: the compiler's)
+    num_stages: int = 3  # Triton's software pipelining of loops (3, its default: next step's loads in registers)
     mlp_block_r: int = 32  # hidden units per M1 tile (upper bound: R rounded up to a power of two)
     mlp_block_c: int = 64  # channels per M2 tile
 
@@ -83,14 +85,20 @@ class LaunchConfig:
                           MAX_WARPS_PER_SM // self.num_warps))
 
     def launch_options(self) -> dict:
-        return {"num_warps": self.num_warps, **({"maxnreg": self.maxnreg} if self.maxnreg else {})}
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages,
+                **({"maxnreg": self.maxnreg} if self.maxnreg else {})}
 
 
 DEFAULT_CONFIG = LaunchConfig()
+# Without pipelining (num_stages 1) the backward needs ~100 registers, not ~250: two programs an SM
+# instead of one, but no next step's loads in flight; a register cap keeps the pipelining at two
+# programs an SM, with spills. tests/compile_for_gpu.py prints each one's registers and spills.
 # Small maps: the MLP tiles set the time; narrower ones spread a group's MLP over more programs.
-SMALL_MAP_CONFIGS = (DEFAULT_CONFIG, LaunchConfig(maxnreg=128), LaunchConfig(maxnreg=128, mlp_block_r=16, mlp_block_c=32))
-# Large maps: bytes in flight per SM — two programs an SM (capped registers), then twice the tile each.
-LARGE_MAP_CONFIGS = (DEFAULT_CONFIG, LaunchConfig(maxnreg=128), LaunchConfig(tile_elements=8192, maxnreg=128))
+SMALL_MAP_CONFIGS = (DEFAULT_CONFIG, LaunchConfig(num_stages=1), LaunchConfig(maxnreg=128),
+                     LaunchConfig(maxnreg=128, mlp_block_r=16, mlp_block_c=32))
+# Large maps: bytes in flight per SM, from programs an SM and elements a step.
+LARGE_MAP_CONFIGS = (DEFAULT_CONFIG, LaunchConfig(num_stages=1), LaunchConfig(tile_elements=8192, num_stages=1),
+                     LaunchConfig(maxnreg=128))
 
 
 def candidate_configs(p: int, element_size: int) -> tuple[LaunchConfig, ...]:
@@ -273,12 +281,23 @@ def autotune_enabled(device: torch.device) -> bool:
 
 
 def _time_ms(run: Callable[[LaunchConfig], None], config: LaunchConfig, device: torch.device) -> float:
-    """One candidate's time: on a GPU the median of repeated launches, L2 flushed between them."""
-    if device.type == "cuda":
-        return triton.testing.do_bench(lambda: run(config), warmup=5, rep=20, return_mode="median")
-    start = time.perf_counter()
+    """One candidate's time: on a GPU the median of TUNING_RUNS launches after one that compiles it,
+    timed with events on the current stream. Not triton.testing.do_bench: its L2 flush allocates
+    256 MB, which a training step near the memory limit may not have."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        run(config)
+        return (time.perf_counter() - start) * 1e3
     run(config)
-    return (time.perf_counter() - start) * 1e3
+    times = []
+    for _ in range(TUNING_RUNS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run(config)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 def pick_config(key: tuple, candidates: tuple[LaunchConfig, ...], run: Callable[[LaunchConfig], None],
