@@ -58,6 +58,7 @@ from .schedule import (
     pick_config,
     uses_interpreter,
     vector_alignment,
+    views_key,
     workspace,
 )
 
@@ -368,7 +369,7 @@ def se_backward(g: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Te
             counted=counted, **config.launch_options(),
         )
 
-    key = ("backward", n, c, r, p, channel_contiguous, x.dtype, param_dtype, x.device, need_weight_grads,
-           tuple(flags.items()))
+    key = ("backward", n, c, r, p, x.dtype, param_dtype, x.device, need_weight_grads, tuple(flags.items()),
+           views_key(streamed))
     run(pick_config(key, candidate_configs(p, x.element_size()), run, x.device), counted=True)
     return dx, dw1, db1, dw2, db2, d_residual

@@ -48,6 +48,7 @@ from .schedule import (
     pick_config,
     uses_interpreter,
     vector_alignment,
+    views_key,
     workspace,
 )
 
@@ -199,11 +200,11 @@ def se_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: t
                  HAS_RES=residual is not None, OUT=OUT_ACT_CODES[out_act], HALF_WEIGHTS=w1.dtype in HALF_TYPES,
                  HALF_AS_FP32=uses_interpreter(se_forward_kernel))
 
+    streamed = [(x, x_strides), (y, y_strides)] + ([] if residual is None else [(residual, residual_strides)])
+
     def run(config: LaunchConfig, counted: bool = False) -> None:
         sched = choose_schedule(n, c, r, p, channel_contiguous, x.element_size(), x.device, config=config)
-        align_c, align_p = vector_alignment(sched, channel_contiguous, c, p, x.element_size(),
-                                            (x, x_strides), (y, y_strides),
-                                            *([] if residual is None else [(residual, residual_strides)]))
+        align_c, align_p = vector_alignment(sched, channel_contiguous, c, p, x.element_size(), *streamed)
         ws = workspace(x.device)
         ticket, _, counters = ws.counters(sched.num_groups)
         partial = ws.partial(n * sched.num_segments * c, compute_dtype)
@@ -219,6 +220,6 @@ def se_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: t
             counted=counted, **config.launch_options(),
         )
 
-    key = ("forward", n, c, r, p, channel_contiguous, x.dtype, w1.dtype, x.device, tuple(flags.items()))
+    key = ("forward", n, c, r, p, x.dtype, w1.dtype, x.device, tuple(flags.items()), views_key(streamed))
     run(pick_config(key, candidate_configs(p, x.element_size()), run, x.device), counted=True)
     return y, z, a, e

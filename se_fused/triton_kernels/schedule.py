@@ -64,7 +64,9 @@ REGISTERS_PER_SM = 65536  # sm_80 and sm_90
 MAX_WARPS_PER_SM = 64  # sm_80 and sm_90
 UNCAPPED_PROGRAMS_PER_SM = 4  # no register cap: occupancy unknown before compiling; spare programs retire at once
 SMALL_MAP = 196  # P up to 14x14: the MLP, not the memory passes, sets the time
-TUNING_RUNS = 5  # timed launches per candidate
+TUNING_RUNS = 5  # launches per timing of a candidate
+TUNING_REPEATS = 3  # timings per candidate (median)
+TUNING_SPIN_CYCLES = 2_000_000  # ~1 ms of GPU spin: covers the host's queuing of TUNING_RUNS launches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +216,12 @@ def vector_alignment(sched: Schedule, channel_contiguous: bool, c: int, p: int, 
     return (1, align) if channel_contiguous else (align, 1)
 
 
+def views_key(views) -> tuple:
+    """What of the streamed views a compiled kernel depends on (layouts, 16-byte alignment): part of
+    the tuner's problem key, so that a choice is made for the kernel variant that runs."""
+    return tuple((strides, t.data_ptr() % 16) for t, strides in views)
+
+
 class Workspace:
     """Self-resetting counters and partial-sum buffers of one stream (or of the interpreter)."""
 
@@ -281,22 +289,27 @@ def autotune_enabled(device: torch.device) -> bool:
 
 
 def _time_ms(run: Callable[[LaunchConfig], None], config: LaunchConfig, device: torch.device) -> float:
-    """One candidate's time: on a GPU the median of TUNING_RUNS launches after one that compiles it,
-    timed with events on the current stream. Not triton.testing.do_bench: its L2 flush allocates
-    256 MB, which a training step near the memory limit may not have."""
+    """One candidate's time per launch, after one launch that compiles it. On a GPU: TUNING_RUNS
+    launches between two events on the current stream, queued behind a spin kernel so that the host's
+    time to prepare each launch (tens of µs, more than a small problem's kernel) is not counted; the
+    median of TUNING_REPEATS such timings. Inputs stay warm in L2 between the launches, as a layer's
+    input usually is. Not triton.testing.do_bench: its L2 flush allocates 256 MB, which a training
+    step near the memory limit may not have."""
     if device.type != "cuda":
         start = time.perf_counter()
         run(config)
         return (time.perf_counter() - start) * 1e3
     run(config)
     times = []
-    for _ in range(TUNING_RUNS):
+    for _ in range(TUNING_REPEATS):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(TUNING_SPIN_CYCLES)
         start.record()
-        run(config)
+        for _ in range(TUNING_RUNS):
+            run(config)
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / TUNING_RUNS)
     return statistics.median(times)
 
 
@@ -306,9 +319,10 @@ def pick_config(key: tuple, candidates: tuple[LaunchConfig, ...], run: Callable[
     candidate where tuning is off, else the fastest of one timing of each (``run`` launches one;
     the choice is kept for the process, so repeated calls stay bitwise identical).
 
-    A candidate that this GPU cannot compile or hold is skipped. Tuning is off for one candidate, under ``torch.use_deterministic_algorithms`` (the choice could
-    differ between processes, and with it the rounding) and while a CUDA graph is captured (a graph
-    replays what was captured: timing would not run; an earlier choice is used if there is one).
+    A candidate that this GPU cannot compile, hold or find memory for is skipped. Tuning is off for
+    one candidate, under ``torch.use_deterministic_algorithms`` (the choice could differ between
+    processes, and with it the rounding), and while a CUDA graph is captured: the graph records the
+    first candidate, which becomes the problem's choice, so that eager calls round as the graph does.
     """
     forced = forced_schedule().get("config")
     if forced is not None:
@@ -321,16 +335,17 @@ def pick_config(key: tuple, candidates: tuple[LaunchConfig, ...], run: Callable[
     if tuned is not None:
         return tuned
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return candidates[0]
-    times = []
-    for config in candidates:
-        try:
-            times.append(_time_ms(run, config, device))
-        except (OutOfResources, PTXASError, CompileTimeAssertionFailure):
-            if config is candidates[0]:  # the default is what runs untuned: its failure is the caller's
-                raise
-            times.append(math.inf)  # this GPU cannot hold that candidate (registers, shared memory)
-    best = candidates[times.index(min(times))]
+        best = candidates[0]
+    else:
+        times = []
+        for config in candidates:
+            try:
+                times.append(_time_ms(run, config, device))
+            except (OutOfResources, PTXASError, CompileTimeAssertionFailure, torch.cuda.OutOfMemoryError):
+                if config is candidates[0]:  # the default is what runs untuned: its failure is the caller's
+                    raise
+                times.append(math.inf)  # this GPU cannot hold that candidate (registers, shared memory)
+        best = candidates[times.index(min(times))]
     with _tuned_lock:
         return _tuned.setdefault(key, best)
 
