@@ -27,6 +27,7 @@ loads, the Triton ones when Triton imports, the PyTorch ones always.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import NamedTuple, Optional
 
@@ -111,8 +112,9 @@ def _define(name: str, forward, backward, device_types) -> "BackendOps":
         check_inputs(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate, residual, out_act)
         check_hidden_width(name, fc1_weight.shape[0], x)
         r, c = fc1_weight.shape[:2]
-        return forward(flattenable(x), fc1_weight.reshape(r, c), fc1_bias, fc2_weight.reshape(c, r), fc2_bias, act,
-                       gate, _flattenable_or_none(residual), out_act)
+        with _device_of(x):
+            return forward(flattenable(x), fc1_weight.reshape(r, c), fc1_bias, fc2_weight.reshape(c, r), fc2_bias,
+                           act, gate, _flattenable_or_none(residual), out_act)
 
     @torch.library.custom_op(f"se_fused::se_backward_{name}", mutates_args=(), device_types=device_types)
     def backward_op(grad_y: Tensor, x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, z: Tensor, a: Tensor,
@@ -124,10 +126,11 @@ def _define(name: str, forward, backward, device_types) -> "BackendOps":
         check_backward_tail(grad_y, x, y, residual, out_act)
         check_hidden_width(name, fc1_weight.shape[0], x)
         r, c = fc1_weight.shape[:2]
-        dx, dw1, db1, dw2, db2, d_residual = backward(
-            grad_y, flattenable(x), fc1_weight.reshape(r, c), fc2_weight.reshape(c, r), z, a, e, act, gate,
-            has_fc1_bias, has_fc2_bias, need_dx, need_weight_grads, _flattenable_or_none(y),
-            _flattenable_or_none(residual), out_act, need_residual_grad)
+        with _device_of(x):
+            dx, dw1, db1, dw2, db2, d_residual = backward(
+                grad_y, flattenable(x), fc1_weight.reshape(r, c), fc2_weight.reshape(c, r), z, a, e, act, gate,
+                has_fc1_bias, has_fc2_bias, need_dx, need_weight_grads, _flattenable_or_none(y),
+                _flattenable_or_none(residual), out_act, need_residual_grad)
         if need_weight_grads:  # in the weights' own shapes, (R, C) or (R, C, 1, 1)
             dw1, dw2 = dw1.view(fc1_weight.shape), dw2.view(fc2_weight.shape)
         return dx, dw1, db1, dw2, db2, d_residual
@@ -136,6 +139,12 @@ def _define(name: str, forward, backward, device_types) -> "BackendOps":
     backward_op.register_fake(_backward_fake)
     return BackendOps(getattr(torch.ops.se_fused, f"se_forward_{name}").default,
                       getattr(torch.ops.se_fused, f"se_backward_{name}").default)
+
+
+def _device_of(x: Tensor) -> contextlib.AbstractContextManager:
+    """x's GPU as the current one (Triton launches, and the tuner's events, go to the current device and
+    stream), as the C++ ops' device guard does; nothing on the CPU."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _flattenable_or_none(t: Optional[Tensor]) -> Optional[Tensor]:
