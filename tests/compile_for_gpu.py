@@ -13,7 +13,10 @@ Integer arguments are compiled as Triton's JIT specialises them: ``odd`` without
 divisible-by-16 hint (7x7 maps in NCHW, 72 channels in channels_last: rows start anywhere),
 ``aligned`` with it (56x56 maps, 256 channels). The base variants use each regime's first
 launch configuration; the tuner's candidates (docs/DESIGN.md §3.1) follow for sm_90 bfloat16,
-small-map ones odd, large-map ones aligned.
+small-map ones odd, large-map ones aligned: those with their own tiles always, those that differ
+only in launch options (stages, register cap) with ``--all-candidates`` (CI's time is short).
+
+    python tests/compile_for_gpu.py [--all-candidates]
 """
 
 from __future__ import annotations
@@ -132,7 +135,16 @@ def _kernels(arch, x, param, config, layout, aligned, tails=False, row_align=1):
             yield se_backward_kernel, arch, x, param, tail, unit, layout + f" tail{out}", config, aligned
 
 
-def variants():
+def _changes_code(config) -> bool:
+    """A candidate with other tiles than the default's is another kernel; one that differs only in
+    launch options (stages, register cap) is the same code compiled otherwise."""
+    return (config.tile_elements, config.mlp_block_r, config.mlp_block_c) != (
+        DEFAULT_CONFIG.tile_elements, DEFAULT_CONFIG.mlp_block_r, DEFAULT_CONFIG.mlp_block_c)
+
+
+def variants(all_candidates: bool = False):
+    """Every kernel variant for sm_80 and sm_90, the tuner's candidates whose tiles differ from the
+    default's for sm_90 bfloat16 (all of them with ``all_candidates``), and rows on 4/8-element starts."""
     for arch in (80, 90):
         for x, param in (("float16", "float16"), ("bfloat16", "bfloat16"), ("bfloat16", "float32"),
                          ("float32", "float32"), ("float64", "float64")):
@@ -142,8 +154,9 @@ def variants():
     # what the tuner chooses from, for the GPU's training dtype: small maps as odd shapes compile
     # (the default is among the base variants), large maps as aligned ones
     for config, aligned in [(c, False) for c in SMALL_MAP_CONFIGS[1:]] + [(c, True) for c in LARGE_MAP_CONFIGS]:
-        for layout in ("nchw", "channels_last"):
-            yield from _kernels(90, "bfloat16", "bfloat16", config, layout, aligned)
+        if all_candidates or _changes_code(config) or config == DEFAULT_CONFIG:
+            for layout in ("nchw", "channels_last"):
+                yield from _kernels(90, "bfloat16", "bfloat16", config, layout, aligned)
     # odd rows that start on a multiple of 4 (14x14 NCHW) or 8 elements (72 channels): aligned_view's hint
     for layout, row_align in (("nchw", 4), ("channels_last", 8)):
         yield from _kernels(90, "bfloat16", "bfloat16", DEFAULT_CONFIG, f"{layout} rows%{row_align}", False,
@@ -161,7 +174,7 @@ def main() -> int:
         print("compile_for_gpu.py needs TRITON_INTERPRET unset", file=sys.stderr)
         return 2
     count = 0
-    for kernel, arch, x, param, constexprs, unit, layout, config, aligned in variants():
+    for kernel, arch, x, param, constexprs, unit, layout, config, aligned in variants("--all-candidates" in sys.argv):
         compiled = compile_variant(kernel, arch, x, param, constexprs, unit, config, aligned)
         print(f"sm_{arch} {kernel.fn.__name__:18s} x={x:9s} params={param:8s} {layout:19s} "
               f"{config_name(config):30s} {'aligned' if aligned else 'odd':7s} "
