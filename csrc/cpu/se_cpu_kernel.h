@@ -440,12 +440,17 @@ void scale_row(const T* src, const T* res, T* dst, int64_t n, A s, A t) {
   });
 }
 
-// dst[j] = out_act(src[j] * s[j] (+ t[j]) (+ res[j])) over one channels_last position.
+// dst[i] = out_act(src[i] * s[i mod C] (+ t[i mod C]) (+ res[i])) over n contiguous elements of whole
+// channels_last positions of C channels: one position (n = C), or a run of back-to-back positions
+// walked in whole steps instead of a partial step at the end of each (72 channels: 4.5 steps a position,
+// not 4 and a masked one). For a run, s and t hold the sample's scales twice over (C + kStep entries),
+// so a step that starts at channel j reads its lanes' scales at s + j, across the wrap.
 template <bool SHIFT, bool STREAM, int OUT, bool RES, typename T, typename A>
-void scale_columns(const T* src, const T* res, T* dst, const A* s, const A* t, int64_t n) {
-  for_steps<STREAM, A>(dst, n, [&](int64_t j, int64_t count) {
+void scale_columns(const T* src, const T* res, T* dst, const A* s, const A* t, int64_t C, int64_t n) {
+  int64_t j = 0;  // the channel of the step's first element
+  for_steps<STREAM, A>(dst, n, [&](int64_t i, int64_t count) {
     Vectorized<A> v0, v1, s0, s1;
-    load(src + j, v0, v1, count);
+    load(src + i, v0, v1, count);
     load(s + j, s0, s1, count);
     v0 = v0 * s0, v1 = v1 * s1;
     if constexpr (SHIFT) {
@@ -453,7 +458,8 @@ void scale_columns(const T* src, const T* res, T* dst, const A* s, const A* t, i
       load(t + j, t0, t1, count);
       v0 = v0 + t0, v1 = v1 + t1;
     }
-    finish_step<STREAM, OUT, RES>(RES ? res + j : res, dst + j, v0, v1, count);
+    finish_step<STREAM, OUT, RES>(RES ? res + i : res, dst + i, v0, v1, count);
+    for (j += count; j >= C;) j -= C;
   });
 }
 
@@ -525,29 +531,6 @@ void scale_packed(const T* src, const T* res, T* dst, const A* s, const A* t, in
     step(std::false_type{}, i, std::min(W, n - i));
     if (i + W >= n) break;
   }
-}
-
-// dst[i] = out_act(src[i] * s[i mod C] (+ t[i mod C]) (+ res[i])) over n contiguous elements of whole
-// channels_last positions, C > kStep / 2 and not a multiple of kStep: one walk in whole steps instead
-// of a partial step at the end of every position (72 channels: 4.5 steps a position, not 4 and a
-// masked one). s2 and t2 hold the sample's scales twice over (C + kStep entries), so a step that
-// starts at channel j reads its lanes' scales at s2 + j, across the wrap.
-template <bool SHIFT, bool STREAM, int OUT, bool RES, typename T, typename A>
-void scale_wrapped(const T* src, const T* res, T* dst, const A* s2, const A* t2, int64_t C, int64_t n) {
-  int64_t j = 0;  // the channel of the step's first element
-  for_steps<STREAM, A>(dst, n, [&](int64_t i, int64_t count) {
-    Vectorized<A> v0, v1, s0, s1;
-    load(src + i, v0, v1, count);
-    load(s2 + j, s0, s1, count);
-    v0 = v0 * s0, v1 = v1 * s1;
-    if constexpr (SHIFT) {
-      Vectorized<A> t0, t1;
-      load(t2 + j, t0, t1, count);
-      v0 = v0 + t0, v1 = v1 + t1;
-    }
-    finish_step<STREAM, OUT, RES>(RES ? res + i : res, dst + i, v0, v1, count);
-    for (j += count; j >= C;) j -= C;
-  });
 }
 
 // ----------------------------------------------------------------------------- memory passes
@@ -676,7 +659,7 @@ void scale_channels(int64_t n0, int64_t n1, int64_t C, int64_t P, const T* src, 
             s2[j] = s[n * C + j % C];
             if constexpr (SHIFT) t2[j] = t[n * C + j % C];
           }
-          scale_wrapped<SHIFT, STREAM, OUT, RES>(src + n * ss.n + p * C, RES ? res + n * sr.n + p * C : nullptr,
+          scale_columns<SHIFT, STREAM, OUT, RES>(src + n * ss.n + p * C, RES ? res + n * sr.n + p * C : nullptr,
                                                  dst + n * sd.n + p * C, s2.data(), SHIFT ? t2.data() : s2.data(),
                                                  C, (end - i) * C);
           i = end;
@@ -686,7 +669,7 @@ void scale_channels(int64_t n0, int64_t n1, int64_t C, int64_t P, const T* src, 
       }
       for_rows(n0, P, i0, i1, [&](int64_t n, int64_t p) {
         scale_columns<SHIFT, STREAM, OUT, RES>(src + n * ss.n + p * ss.p, RES ? res + n * sr.n + p * sr.p : nullptr,
-                                               dst + n * sd.n + p * sd.p, s + n * C, SHIFT ? t + n * C : s, C);
+                                               dst + n * sd.n + p * sd.p, s + n * C, SHIFT ? t + n * C : s, C, C);
       });
       if constexpr (STREAM) fence_streaming_stores();
     });
