@@ -26,10 +26,14 @@ memset launch. Partial sums and batch sums run in a fixed order: results are bit
 deterministic.
 
 Launch configurations (docs/DESIGN.md §3.1): each regime (map size, dtype) has a small, fixed set
-of ``LaunchConfig`` candidates — tile elements (bytes in flight per step), warps, a register cap
-that fixes how many programs an SM holds, MLP tile widths. On a GPU the first call of a problem
-times each candidate once and keeps the fastest (``pick_config``); the interpreter, CUDA-graph
-capture, ``torch.use_deterministic_algorithms`` and ``SE_FUSED_AUTOTUNE=0`` take the first.
+of ``LaunchConfig`` candidates — tile elements (bytes in flight per step), warps, pipeline stages,
+a register cap that fixes how many programs an SM holds, MLP tile widths. On a GPU the first call
+of a problem times each candidate and keeps the fastest (``pick_config``); the interpreter,
+``torch.use_deterministic_algorithms`` and ``SE_FUSED_AUTOTUNE=0`` take the first, and so does a
+CUDA graph captured before any choice (which then stays the choice).
+
+Rows that start on multiples of 4 or 8 elements are said so to the compiler (``vector_alignment``,
+``device.aligned_view``), so their loads are 8- or 16-byte vectors.
 """
 
 from __future__ import annotations
