@@ -51,4 +51,26 @@ SE_HOST_DEVICE T gate_backward(T grad, T e, Gate gate) {
   return (e > T(-3) && e < T(3)) ? grad / T(6) : T(0);
 }
 
+// out_act of the fused residual tail, y = out_act(x · s + residual), as eager computes it: ReLU as
+// clamp_min (NaN propagates), SiLU as t / (1 + exp(-t)).
+template <typename T>
+SE_HOST_DEVICE T out_activation(T v, OutAct out_act) {
+  using std::exp;
+  if (out_act == OutAct::kRelu) return v < T(0) ? T(0) : v;
+  if (out_act == OutAct::kSilu) return v / (T(1) + exp(-v));
+  return v;
+}
+
+// grad · out_act'(u), the gradient at the tail's input: u is y for ReLU (threshold_backward on the
+// output, as eager's in-place ReLU does) and the activation's input x · s + residual for SiLU.
+template <typename T>
+SE_HOST_DEVICE T out_activation_backward(T grad, T u, OutAct out_act) {
+  if (out_act == OutAct::kRelu) return u > T(0) ? grad : T(0);
+  if (out_act == OutAct::kSilu) {
+    const T sig = sigmoid(u);
+    return grad * (sig * (T(1) + u * (T(1) - sig)));
+  }
+  return grad;
+}
+
 }  // namespace se_fused

@@ -113,6 +113,10 @@ if ("cuda", "cuda") in BACKEND_DEVICES:  # defined only where it can run: a GPU 
             for case in (Case(300, 48, 7, 7, 12), Case(3, 256, 56, 56, 16), Case(2, 2048, 7, 7, 128)):
                 check_against_reference(case, "cuda", torch.device("cuda"), torch.float16,
                                         channels_last=channels_last)
+            for out_act in ("relu", "silu"):  # the residual tail's variant of the kernels
+                for case in (Case(300, 48, 7, 7, 12), Case(3, 256, 56, 56, 16)):
+                    check_against_reference(case, "cuda", torch.device("cuda"), torch.bfloat16,
+                                            channels_last=channels_last, out_act=out_act, residual=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

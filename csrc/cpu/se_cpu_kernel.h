@@ -16,6 +16,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../se_math.h"
 #include "se_cpu.h"
 
 namespace se_fused::cpu::CPU_CAPABILITY {
@@ -356,7 +357,8 @@ void column_sums(const T* a, int64_t pa, const T* b, int64_t pb, int64_t np, int
 // ----------------------------------------------------------------------------- the residual tail
 // out_act of y = out_act(x * s + residual) (OUT: 0 none, 1 ReLU, 2 SiLU) and the gradient at its input,
 // computed as eager's CPU kernels compute them (NaN and Inf included): ReLU as clamp_min, its
-// gradient from y's sign (threshold_backward), SiLU as t / (1 + exp(-t)).
+// gradient from y's sign (threshold_backward), SiLU as t / (1 + exp(-t)). The scalar forms, which
+// the CUDA kernels share, are se_math.h's out_activation and out_activation_backward.
 
 template <int OUT, typename A>
 SE_ALWAYS_INLINE Vectorized<A> out_activation(const Vectorized<A>& v) {
@@ -364,17 +366,6 @@ SE_ALWAYS_INLINE Vectorized<A> out_activation(const Vectorized<A>& v) {
     return at::vec::clamp_min(v, Vectorized<A>(A(0)));
   } else if constexpr (OUT == 2) {
     return v / (Vectorized<A>(A(1)) + v.neg().exp());
-  } else {
-    return v;
-  }
-}
-
-template <int OUT, typename A>
-inline A out_activation(A v) {
-  if constexpr (OUT == 1) {
-    return v < A(0) ? A(0) : v;
-  } else if constexpr (OUT == 2) {
-    return v / (A(1) + std::exp(-v));
   } else {
     return v;
   }
@@ -389,16 +380,6 @@ SE_ALWAYS_INLINE Vectorized<A> out_activation_grad(const Vectorized<A>& g, const
   } else {
     const Vectorized<A> sig = one / (one + u.neg().exp());
     return g * (sig * (one + u * (one - sig)));
-  }
-}
-
-template <int OUT, typename A>
-inline A out_activation_grad(A g, A u) {
-  if constexpr (OUT == 1) {
-    return u > A(0) ? g : A(0);
-  } else {
-    const A sig = A(1) / (A(1) + std::exp(-u));
-    return g * (sig * (A(1) + u * (A(1) - sig)));
   }
 }
 
@@ -688,7 +669,7 @@ void scale_channels(int64_t n0, int64_t n1, int64_t C, int64_t P, const T* src, 
       for (int64_t p = 0; p < P; ++p) {
         A v = static_cast<A>(ps[p * ss.p]) * scale + shift;
         if constexpr (RES) v += static_cast<A>(pr[p * sr.p]);
-        pd[p * sd.p] = static_cast<T>(out_activation<OUT>(v));
+        pd[p * sd.p] = static_cast<T>(se_fused::out_activation(v, OutAct(OUT)));
       }
     });
     if constexpr (STREAM) fence_streaming_stores();
@@ -751,7 +732,8 @@ void tail_gradient(int64_t n0, int64_t n1, int64_t C, int64_t P, const T* g, Str
         A u = static_cast<A>(py[p * sy.p]);
         if constexpr (kFromX) u *= scale;
         if constexpr (RES) u += static_cast<A>(pr[p * sr.p]);
-        pd[p * sd.p] = static_cast<T>(out_activation_grad<OUT>(static_cast<A>(pg[p * sg.p]), u));
+        const A grad = static_cast<A>(pg[p * sg.p]);
+        pd[p * sd.p] = static_cast<T>(se_fused::out_activation_backward(grad, u, OutAct(OUT)));
       }
     });
   });

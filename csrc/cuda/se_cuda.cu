@@ -89,27 +89,36 @@ __device__ SampleView<T> sample_view(const void* ptr, const Strides3& s, int64_t
   return {static_cast<T*>(const_cast<void*>(ptr)) + n * s.n, s.c, s.p};
 }
 
-// out[c] = Σ_{p in [p0, p1)} a[c, p] (· b[c, p] when PRODUCT), for c in [c0, c1).
-// Vectorised (V > 1) only when the contiguous axis has stride 1 and every bound is a multiple of V.
-template <typename T, typename A, int V, bool CH_INNER, bool PRODUCT>
-__device__ void reduce_item(SampleView<const T> a, SampleView<const T> b, int64_t c0, int64_t c1, int64_t p0,
-                            int64_t p1, A* out) {
+// An optional tensor's sample: a null base when it is absent. Only for optional tensors: the test
+// costs the streaming kernels registers (ptxas), even where the view is never read.
+template <typename T>
+__device__ SampleView<T> optional_view(const void* ptr, const Strides3& s, int64_t n) {
+  return ptr ? sample_view<T>(ptr, s, n) : SampleView<T>{nullptr, s.c, s.p};
+}
+
+// The walkers below visit an item in V-element packs along its contiguous axis: NCHW rows with a
+// warp per channel and lanes along positions; channels_last (CH_INNER) with lanes along channels
+// and rows of threads along positions. What a pack contributes comes from a functor: `channel(c)`
+// gives channel c's constants (`Channel`), handed to each pack as k[V] (one value repeated in rows,
+// one per channel in channels_last); `load` and `store` read and write the pack at (c, p).
+
+// out[c] = Σ_{p in [p0, p1)} of the terms term.load(c, p, k, v) gives, for c in [c0, c1).
+template <typename A, int V, bool CH_INNER, typename Term>
+__device__ void reduce_item(const Term& term, int64_t c0, int64_t c1, int64_t p0, int64_t p1, A* out) {
+  using K = typename Term::Channel;
   if constexpr (!CH_INNER) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     for (int64_t c = c0 + warp; c < c1; c += kWarps) {
+      const K kc = term.channel(c);
+      K k[V];
+#pragma unroll
+      for (int i = 0; i < V; ++i) k[i] = kc;
       A acc = 0;
       for (int64_t p = p0 + lane * V; p < p1; p += 32 * V) {
-        A va[V];
-        load_pack<T, V>(a.at(c, p), va);
-        if constexpr (PRODUCT) {
-          A vb[V];
-          load_pack<T, V>(b.at(c, p), vb);
+        A v[V];
+        term.load(c, p, k, v);
 #pragma unroll
-          for (int i = 0; i < V; ++i) acc += va[i] * vb[i];
-        } else {
-#pragma unroll
-          for (int i = 0; i < V; ++i) acc += va[i];
-        }
+        for (int i = 0; i < V; ++i) acc += v[i];
       }
       acc = warp_sum(acc);
       if (lane == 0) out[c] = acc;
@@ -124,18 +133,14 @@ __device__ void reduce_item(SampleView<const T> a, SampleView<const T> b, int64_
 #pragma unroll
     for (int i = 0; i < V; ++i) acc[i] = 0;
     if (c < c1) {
+      K k[V];
+#pragma unroll
+      for (int i = 0; i < V; ++i) k[i] = term.channel(c + i);
       for (int64_t p = p0 + row; p < p1; p += kRows) {
-        A va[V];
-        load_pack<T, V>(a.at(c, p), va);
-        if constexpr (PRODUCT) {
-          A vb[V];
-          load_pack<T, V>(b.at(c, p), vb);
+        A v[V];
+        term.load(c, p, k, v);
 #pragma unroll
-          for (int i = 0; i < V; ++i) acc[i] += va[i] * vb[i];
-        } else {
-#pragma unroll
-          for (int i = 0; i < V; ++i) acc[i] += va[i];
-        }
+        for (int i = 0; i < V; ++i) acc[i] += v[i];
       }
     }
 #pragma unroll
@@ -150,40 +155,36 @@ __device__ void reduce_item(SampleView<const T> a, SampleView<const T> b, int64_
   }
 }
 
-// out[c, p] = src[c, p] * gate(e[c]) (+ shift[c]) for c in [c0, c1), p in [p0, p1).
-// e and shift were written by other blocks in this launch: read through L2 (__ldcg).
-// Each thread issues kUnroll independent 16-byte loads before its first store: src and out are
-// not known not to alias, so a load → store → load loop keeps one load in flight per thread.
-template <typename T, typename A, int V, bool CH_INNER>
-__device__ void rescale_item(SampleView<const T> src, SampleView<T> out, const A* e, const A* shift, Gate gate,
-                             int64_t c0, int64_t c1, int64_t p0, int64_t p1) {
-  constexpr int kUnroll = 4;
-  // positions [p, p + kUnroll * step) of channels [c, c + V): loads first, then the stores
-  const auto scale_positions = [&](int64_t c, int64_t p, int64_t step, const A (&s)[V], const A (&add)[V]) {
-    Pack<T, V> raw[kUnroll];
+// step.store(c, p, step.load(c, p), k) for every pack of the item, c in [c0, c1), p in [p0, p1).
+// Each thread issues the loads of Step::kUnroll positions before its first store: the inputs and the
+// output are not known not to alias, so a load → store → load loop keeps one load in flight per
+// thread. Steps that read two or three tensors unroll less: about as many bytes in flight, fewer
+// registers (at 4, ptxas spilled the tail's forward).
+template <int V, bool CH_INNER, typename Step>
+__device__ void rescale_item(const Step& step, int64_t c0, int64_t c1, int64_t p0, int64_t p1) {
+  constexpr int kUnroll = Step::kUnroll;
+  using K = typename Step::Channel;
+  using L = typename Step::Loaded;
+  // positions [p, p + kUnroll * stride) of channels [c, c + V): loads first, then the stores
+  const auto scale_positions = [&](int64_t c, int64_t p, int64_t stride, const K (&k)[V]) {
+    L raw[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      if (p + u * step < p1) raw[u] = *reinterpret_cast<const Pack<T, V>*>(src.at(c, p + u * step));
+      if (p + u * stride < p1) raw[u] = step.load(c, p + u * stride);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      if (p + u * step < p1) {
-        Pack<T, V> result;
-#pragma unroll
-        for (int i = 0; i < V; ++i) from_acc(to_acc(raw[u].v[i]) * s[i] + add[i], result.v[i]);
-        store_raw<T, V>(out.at(c, p + u * step), result);
-      }
+      if (p + u * stride < p1) step.store(c, p + u * stride, raw[u], k);
     }
   };
   if constexpr (!CH_INNER) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     for (int64_t c = c0 + warp; c < c1; c += kWarps) {
-      const A s_c = gate_fn(__ldcg(e + c), gate);
-      const A add_c = shift ? __ldcg(shift + c) : A(0);
-      A s[V], add[V];
+      const K kc = step.channel(c);
+      K k[V];
 #pragma unroll
-      for (int i = 0; i < V; ++i) s[i] = s_c, add[i] = add_c;
-      for (int64_t p = p0 + lane * V; p < p1; p += kUnroll * 32 * V) scale_positions(c, p, 32 * V, s, add);
+      for (int i = 0; i < V; ++i) k[i] = kc;
+      for (int64_t p = p0 + lane * V; p < p1; p += kUnroll * 32 * V) scale_positions(c, p, 32 * V, k);
     }
   } else {
     constexpr int kLanesC = kBlockChannelsInner / V;
@@ -191,15 +192,172 @@ __device__ void rescale_item(SampleView<const T> src, SampleView<T> out, const A
     const int lane_c = threadIdx.x % kLanesC, row = threadIdx.x / kLanesC;
     const int64_t c = c0 + lane_c * V;
     if (c >= c1) return;
-    A s[V], add[V];
+    K k[V];
 #pragma unroll
-    for (int i = 0; i < V; ++i) {
-      s[i] = gate_fn(__ldcg(e + c + i), gate);
-      add[i] = shift ? __ldcg(shift + c + i) : A(0);
-    }
-    for (int64_t p = p0 + row; p < p1; p += kUnroll * kRows) scale_positions(c, p, kRows, s, add);
+    for (int i = 0; i < V; ++i) k[i] = step.channel(c + i);
+    for (int64_t p = p0 + row; p < p1; p += kUnroll * kRows) scale_positions(c, p, kRows, k);
   }
 }
+
+template <typename T, int V>
+__device__ __forceinline__ Pack<T, V> load_raw(const T* p) {
+  return *reinterpret_cast<const Pack<T, V>*>(p);
+}
+
+template <typename T, int V, typename A>
+__device__ __forceinline__ void unpack(const Pack<T, V>& pk, A (&out)[V]) {
+#pragma unroll
+  for (int i = 0; i < V; ++i) out[i] = to_acc(pk.v[i]);
+}
+
+// The residual tail's gradient at its input (docs/DESIGN.md §11), dt = g · out_act'(t) for V
+// elements: t = u for ReLU (u is y) and u · s + r for SiLU (u is x, r the residual or 0), the
+// value the forward's rescale computed.
+template <typename A, int V>
+__device__ __forceinline__ void tail_gradient(OutAct out_act, const A (&g)[V], const A (&u)[V], const A (&r)[V],
+                                              const A (&s)[V], A (&dt)[V]) {
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    const A t = out_act == OutAct::kRelu ? u[i] : u[i] * s[i] + r[i];
+    dt[i] = out_activation_backward(g[i], t, out_act);
+  }
+}
+
+struct NoChannelConstants {};
+
+// Forward reduce: the terms are x.
+template <typename T, typename A, int V>
+struct SumOfX {
+  using Channel = NoChannelConstants;
+  SampleView<const T> x;
+  __device__ Channel channel(int64_t) const { return {}; }
+  __device__ void load(int64_t c, int64_t p, const Channel (&)[V], A (&v)[V]) const { load_pack<T, V>(x.at(c, p), v); }
+};
+
+// Backward reduce: the terms are dt · x, dt = g, or with the tail (TAIL) g · out_act'(·) from y
+// (ReLU) or x · s + residual (SiLU), stored as d_residual when that is asked for.
+template <typename T, typename A, int V, bool TAIL>
+struct SumOfGradTimesX {
+  struct Channel {
+    A s;
+  };
+  SampleView<const T> g, x, y, residual;  // y: ReLU tail; residual base null: none
+  SampleView<T> d_residual;               // base null: not written
+  const A* e;
+  Gate gate;
+  OutAct out_act;
+  __device__ Channel channel(int64_t c) const {
+    if constexpr (TAIL) return {gate_fn(e[c], gate)};
+    return {A(0)};
+  }
+  __device__ void load(int64_t c, int64_t p, const Channel (&k)[V], A (&v)[V]) const {
+    A vg[V], vx[V];
+    load_pack<T, V>(g.at(c, p), vg);
+    load_pack<T, V>(x.at(c, p), vx);
+    if constexpr (TAIL) {
+      A u[V], r[V], s[V], dt[V];
+#pragma unroll
+      for (int i = 0; i < V; ++i) u[i] = vx[i], r[i] = 0, s[i] = k[i].s;
+      if (out_act == OutAct::kRelu) load_pack<T, V>(y.at(c, p), u);
+      else if (residual.base) load_pack<T, V>(residual.at(c, p), r);
+      tail_gradient(out_act, vg, u, r, s, dt);
+      if (d_residual.base) store_pack<T, V>(d_residual.at(c, p), dt);
+#pragma unroll
+      for (int i = 0; i < V; ++i) vg[i] = dt[i];
+    }
+#pragma unroll
+    for (int i = 0; i < V; ++i) v[i] = vg[i] * vx[i];
+  }
+};
+
+// Forward rescale: y = x · s, or with the tail (TAIL) out_act(x · s + residual).
+// e was written by other blocks in this launch: read through L2 (__ldcg).
+template <typename T, typename A, int V, bool TAIL>
+struct ScaleForward {
+  struct Channel {
+    A s;
+  };
+  struct Loaded {
+    Pack<T, V> x, r;
+  };
+  static constexpr int kUnroll = TAIL ? 2 : 4;
+  SampleView<const T> x, residual;  // residual base null: none
+  SampleView<T> y;
+  const A* e;
+  Gate gate;
+  OutAct out_act;
+  __device__ Channel channel(int64_t c) const { return {gate_fn(__ldcg(e + c), gate)}; }
+  __device__ Loaded load(int64_t c, int64_t p) const {
+    Loaded l;
+    l.x = load_raw<T, V>(x.at(c, p));
+    if constexpr (TAIL) {
+      if (residual.base) l.r = load_raw<T, V>(residual.at(c, p));
+    }
+    return l;
+  }
+  __device__ void store(int64_t c, int64_t p, const Loaded& l, const Channel (&k)[V]) const {
+    Pack<T, V> out;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      A v = to_acc(l.x.v[i]) * k[i].s;
+      if constexpr (TAIL) {
+        if (residual.base) v += to_acc(l.r.v[i]);
+        v = out_activation(v, out_act);
+      }
+      from_acc(v, out.v[i]);
+    }
+    store_raw<T, V>(y.at(c, p), out);
+  }
+};
+
+// Backward rescale: dx = dt · s + dz/P, dt = g, or with the tail (TAIL) recomputed from g and u
+// (y for ReLU, x for SiLU) and the residual as the reduce items computed it. dz/P was written by
+// other blocks in this launch: read through L2 (__ldcg).
+template <typename T, typename A, int V, bool TAIL>
+struct ScaleBackward {
+  struct Channel {
+    A s, shift;
+  };
+  struct Loaded {
+    Pack<T, V> g, u, r;
+  };
+  static constexpr int kUnroll = TAIL ? 2 : 4;
+  SampleView<const T> g, u, residual;  // u: the tail's y (ReLU) or x (SiLU); residual base null: none
+  SampleView<T> dx;
+  const A* e;
+  const A* dzp;
+  Gate gate;
+  OutAct out_act;
+  __device__ Channel channel(int64_t c) const { return {gate_fn(__ldcg(e + c), gate), __ldcg(dzp + c)}; }
+  __device__ Loaded load(int64_t c, int64_t p) const {
+    Loaded l;
+    l.g = load_raw<T, V>(g.at(c, p));
+    if constexpr (TAIL) {
+      l.u = load_raw<T, V>(u.at(c, p));
+      if (out_act == OutAct::kSilu && residual.base) l.r = load_raw<T, V>(residual.at(c, p));
+    }
+    return l;
+  }
+  __device__ void store(int64_t c, int64_t p, const Loaded& l, const Channel (&k)[V]) const {
+    A dt[V], s[V];
+    unpack(l.g, dt);
+#pragma unroll
+    for (int i = 0; i < V; ++i) s[i] = k[i].s;
+    if constexpr (TAIL) {
+      A g[V], u[V], r[V];
+      unpack(l.g, g);
+      unpack(l.u, u);
+#pragma unroll
+      for (int i = 0; i < V; ++i) r[i] = 0;
+      if (out_act == OutAct::kSilu && residual.base) unpack(l.r, r);
+      tail_gradient(out_act, g, u, r, s, dt);
+    }
+    Pack<T, V> out;
+#pragma unroll
+    for (int i = 0; i < V; ++i) from_acc(dt[i] * s[i] + k[i].shift, out.v[i]);
+    store_raw<T, V>(dx.at(c, p), out);
+  }
+};
 
 // Sample n's MLP: z = Σ partials / P, a = W1 z + b1, e = W2 act(a) + b2. `h` is R shared accumulators.
 template <typename PT, typename A>
@@ -382,8 +540,9 @@ __device__ void run_schedule(const CudaSchedule& s, int64_t N, int64_t C, int64_
   retire(ticket_counter, ticket, s.num_tickets);
 }
 
-// Forward: reduce x, excite (z, a, e), rescale y = x * gate(e).
-template <typename T, typename PT, int V, bool CH_INNER>
+// Forward: reduce x, excite (z, a, e), rescale y = x * gate(e), or out_act(x * gate(e) + residual)
+// with the residual tail (TAIL).
+template <typename T, typename PT, int V, bool CH_INNER, bool TAIL>
 struct ForwardOps {
   using A = acc_t<T>;
   const ForwardArgs& args;
@@ -392,54 +551,69 @@ struct ForwardOps {
 
   __device__ SampleView<const T> x(int64_t n) const { return sample_view<const T>(args.x, args.x_strides, n); }
   __device__ void reduce(int64_t n, int64_t c0, int64_t c1, int64_t p0, int64_t p1, A* out) const {
-    reduce_item<T, A, V, CH_INNER, false>(x(n), x(n), c0, c1, p0, p1, out);
+    reduce_item<A, V, CH_INNER>(SumOfX<T, A, V>{x(n)}, c0, c1, p0, p1, out);
   }
   __device__ void excite(int64_t n, int num_segments) const {
     excite_forward<PT>(args, n, partial, num_segments, h);
   }
   __device__ void rescale(int64_t n, int64_t c0, int64_t c1, int64_t p0, int64_t p1) const {
-    rescale_item<T, A, V, CH_INNER>(x(n), sample_view<T>(args.y, args.y_strides, n),
-                                    static_cast<const A*>(args.e) + n * args.c, nullptr, args.gate, c0, c1, p0, p1);
+    const ScaleForward<T, A, V, TAIL> step{x(n), optional_view<const T>(args.residual, args.residual_strides, n),
+                                           sample_view<T>(args.y, args.y_strides, n),
+                                           static_cast<const A*>(args.e) + n * args.c, args.gate, args.out_act};
+    rescale_item<V, CH_INNER>(step, c0, c1, p0, p1);
   }
 };
 
-// Backward: reduce g·x, excite backward (de, da, dz/P), rescale dx = g * gate(e) + dz/P.
-template <typename T, typename PT, int V, bool CH_INNER>
+// Backward: reduce dt·x, excite backward (de, da, dz/P), rescale dx = dt * gate(e) + dz/P, where dt
+// is grad_y, or with the residual tail (TAIL) the gradient at its input, written as d_residual.
+template <typename T, typename PT, int V, bool CH_INNER, bool TAIL>
 struct BackwardOps {
   using A = acc_t<T>;
   const BackwardArgs& args;
   const A* partial;
   A* da;  // R shared accumulators
 
-  __device__ SampleView<const T> g(int64_t n) const { return sample_view<const T>(args.grad_y, args.g_strides, n); }
+  __device__ SampleView<const T> view(const void* ptr, const Strides3& s, int64_t n) const {
+    return sample_view<const T>(ptr, s, n);
+  }
   __device__ void reduce(int64_t n, int64_t c0, int64_t c1, int64_t p0, int64_t p1, A* out) const {
-    reduce_item<T, A, V, CH_INNER, true>(g(n), sample_view<const T>(args.x, args.x_strides, n), c0, c1, p0, p1,
-                                          out);
+    const SumOfGradTimesX<T, A, V, TAIL> term{
+        view(args.grad_y, args.g_strides, n), view(args.x, args.x_strides, n),
+        optional_view<const T>(args.y, args.y_strides, n),
+        optional_view<const T>(args.residual, args.residual_strides, n),
+        optional_view<T>(args.d_residual, args.d_residual_strides, n), static_cast<const A*>(args.e) + n * args.c,
+        args.gate, args.out_act};
+    reduce_item<A, V, CH_INNER>(term, c0, c1, p0, p1, out);
   }
   __device__ void excite(int64_t n, int num_segments) const {
     excite_backward<PT>(args, n, partial, num_segments, da);
   }
   __device__ void rescale(int64_t n, int64_t c0, int64_t c1, int64_t p0, int64_t p1) const {
     if (!args.dx) return;
-    rescale_item<T, A, V, CH_INNER>(g(n), sample_view<T>(args.dx, args.dx_strides, n),
-                                    static_cast<const A*>(args.e) + n * args.c,
-                                    static_cast<const A*>(args.dzp) + n * args.c, args.gate, c0, c1, p0, p1);
+    const bool relu = args.out_act == OutAct::kRelu;
+    const ScaleBackward<T, A, V, TAIL> step{
+        view(args.grad_y, args.g_strides, n),
+        relu ? view(args.y, args.y_strides, n) : view(args.x, args.x_strides, n),
+        optional_view<const T>(args.residual, args.residual_strides, n), sample_view<T>(args.dx, args.dx_strides, n),
+        static_cast<const A*>(args.e) + n * args.c, static_cast<const A*>(args.dzp) + n * args.c, args.gate,
+        args.out_act};
+    rescale_item<V, CH_INNER>(step, c0, c1, p0, p1);
   }
 };
 
-template <typename T, typename PT, int V, bool CH_INNER>
+template <typename T, typename PT, int V, bool CH_INNER, bool TAIL>
 __global__ void __launch_bounds__(kThreads) se_forward_kernel(ForwardArgs args, CudaSchedule s, int* sync,
                                                               acc_t<T>* partial) {
   extern __shared__ unsigned char smem[];
-  ForwardOps<T, PT, V, CH_INNER> ops{args, partial, reinterpret_cast<acc_t<T>*>(smem)};
+  ForwardOps<T, PT, V, CH_INNER, TAIL> ops{args, partial, reinterpret_cast<acc_t<T>*>(smem)};
   run_schedule(s, args.n, args.c, args.p, sync, partial, ops);
 }
 
-template <typename T, typename PT, int V, bool CH_INNER>
+template <typename T, typename PT, int V, bool CH_INNER, bool TAIL>
 __global__ void __launch_bounds__(kThreads) se_backward_kernel(BackwardArgs args, CudaSchedule s, int* sync,
                                                                acc_t<T>* partial) {
   extern __shared__ unsigned char smem[];
-  BackwardOps<T, PT, V, CH_INNER> ops{args, partial, reinterpret_cast<acc_t<T>*>(smem)};
+  BackwardOps<T, PT, V, CH_INNER, TAIL> ops{args, partial, reinterpret_cast<acc_t<T>*>(smem)};
   run_schedule(s, args.n, args.c, args.p, sync, partial, ops);
 }
 
@@ -503,12 +677,14 @@ size_t shared_accumulator_bytes(int64_t r) {
 
 // Can every tensor in `views` be moved in V-element packs? Needs stride 1 along the
 // contiguous axis, the other strides and the axis length multiples of V, 16-byte bases.
+// Null pointers (optional tensors that are absent) are skipped.
 template <int V>
 bool packable(bool channels_inner, int64_t c, int64_t p,
               std::initializer_list<std::pair<const void*, Strides3>> views) {
   if (V == 1) return true;
   if ((channels_inner ? c : p) % V != 0) return false;
   for (const auto& [ptr, s] : views) {
+    if (!ptr) continue;
     const int64_t unit = channels_inner ? s.c : s.p, other = channels_inner ? s.p : s.c;
     if (!aligned16(ptr) || unit != 1 || other % V != 0 || s.n % V != 0) return false;
   }
@@ -522,22 +698,39 @@ cudaError_t launch(Kernel kernel, const Args& args, const CudaSchedule& s, int* 
   return cudaGetLastError();
 }
 
-// Picks (pack width, layout) for one (x dtype, parameter dtype) pair and launches.
+// fn(std::true_type{}) or fn(std::false_type{}): a runtime flag as a template argument.
+template <typename Fn>
+cudaError_t with_flag(bool flag, Fn&& fn) {
+  return flag ? fn(std::true_type{}) : fn(std::false_type{});
+}
+
+// Calls fn(v, inner, tail) with the pack width v (V or 1), the layout and the tail as constants.
+template <int V, typename Fn>
+cudaError_t with_variant(bool packed, bool inner, bool tail, Fn&& fn) {
+  return with_flag(packed, [&](auto pk) {
+    return with_flag(inner, [&](auto in) {
+      return with_flag(tail, [&](auto tl) {
+        return fn(std::integral_constant<int, decltype(pk)::value ? V : 1>{}, in, tl);
+      });
+    });
+  });
+}
+
+// Picks (pack width, layout, tail) for one (x dtype, parameter dtype) pair and launches.
 template <typename T, typename PT>
 cudaError_t forward_typed(const ForwardArgs& args, const CudaSchedule& s, int* sync, void* partial,
                           cudaStream_t stream) {
   using A = acc_t<T>;
   constexpr int V = 16 / sizeof(T);
   const bool inner = args.x_strides.c == 1 && args.x_strides.p != 1;
-  const bool packed = packable<V>(inner, args.c, args.p, {{args.x, args.x_strides}, {args.y, args.y_strides}});
-  const size_t smem = shared_accumulator_bytes<A>(args.r);
-  A* part = static_cast<A*>(partial);
-  if (inner) {
-    return packed ? launch(se_forward_kernel<T, PT, V, true>, args, s, sync, part, smem, stream)
-                  : launch(se_forward_kernel<T, PT, 1, true>, args, s, sync, part, smem, stream);
-  }
-  return packed ? launch(se_forward_kernel<T, PT, V, false>, args, s, sync, part, smem, stream)
-                : launch(se_forward_kernel<T, PT, 1, false>, args, s, sync, part, smem, stream);
+  const bool packed = packable<V>(inner, args.c, args.p,
+                                  {{args.x, args.x_strides}, {args.y, args.y_strides},
+                                   {args.residual, args.residual_strides}});
+  const bool tail = args.residual != nullptr || args.out_act != OutAct::kNone;
+  return with_variant<V>(packed, inner, tail, [&](auto v, auto in, auto tl) {
+    return launch(se_forward_kernel<T, PT, decltype(v)::value, decltype(in)::value, decltype(tl)::value>, args, s,
+                  sync, static_cast<A*>(partial), shared_accumulator_bytes<A>(args.r), stream);
+  });
 }
 
 template <typename T, typename PT>
@@ -548,17 +741,14 @@ cudaError_t backward_typed(const BackwardArgs& args, const CudaSchedule& s, int*
   const bool inner = args.x_strides.c == 1 && args.x_strides.p != 1;
   const bool packed = packable<V>(inner, args.c, args.p,
                                   {{args.grad_y, args.g_strides}, {args.x, args.x_strides},
-                                   {args.dx ? args.dx : args.x, args.dx ? args.dx_strides : args.x_strides}});
-  const size_t smem = shared_accumulator_bytes<A>(args.r);
-  A* part = static_cast<A*>(partial);
-  cudaError_t err;
-  if (inner) {
-    err = packed ? launch(se_backward_kernel<T, PT, V, true>, args, s, sync, part, smem, stream)
-                 : launch(se_backward_kernel<T, PT, 1, true>, args, s, sync, part, smem, stream);
-  } else {
-    err = packed ? launch(se_backward_kernel<T, PT, V, false>, args, s, sync, part, smem, stream)
-                 : launch(se_backward_kernel<T, PT, 1, false>, args, s, sync, part, smem, stream);
-  }
+                                   {args.dx, args.dx_strides}, {args.y, args.y_strides},
+                                   {args.residual, args.residual_strides},
+                                   {args.d_residual, args.d_residual_strides}});
+  const bool tail = args.out_act != OutAct::kNone;
+  const cudaError_t err = with_variant<V>(packed, inner, tail, [&](auto v, auto in, auto tl) {
+    return launch(se_backward_kernel<T, PT, decltype(v)::value, decltype(in)::value, decltype(tl)::value>, args, s,
+                  sync, static_cast<A*>(partial), shared_accumulator_bytes<A>(args.r), stream);
+  });
   if (err != cudaSuccess || !args.dw1) return err;
   const dim3 grid((args.c + 31) / 32, (args.r + 31) / 32);
   se_weight_grad_kernel<PT, A><<<grid, kThreads, 0, stream>>>(args);

@@ -10,6 +10,9 @@
 //   on smaller tickets, held by running blocks that never wait: no deadlock on any GPU.
 // Counters and flags reset themselves (the last user zeroes them): no memset per call.
 // Partial sums are added in a fixed order: results are bitwise deterministic.
+// The residual tail (docs/DESIGN.md §11) is a variant of the same kernels: the forward's rescale
+// adds the residual and applies out_act; the backward's reduce items compute the gradient at the
+// tail's input (and store it as d_residual), its rescale items recompute it.
 #pragma once
 
 #include <cuda_runtime.h>

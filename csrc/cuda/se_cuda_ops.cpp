@@ -63,19 +63,12 @@ void check_hidden_width(const Tensor& x, const Tensor& fc1_weight) {
                     " are supported for ", x.scalar_type(), " (use backend='cpp' or 'torch')");
 }
 
-// The CUDA kernels do not fuse the residual tail yet: refused before any allocation of theirs or launch.
-void check_no_tail(bool tail) {
-  TORCH_CHECK_NOT_IMPLEMENTED(!tail, "se_fused: the CUDA kernels do not fuse the residual tail (residual, "
-                              "out_act) yet; use backend='triton' or 'torch' for it on CUDA tensors");
-}
-
 ForwardResult forward_cuda(const Tensor& x, const Tensor& fc1_weight, const c10::optional<Tensor>& fc1_bias,
                            const Tensor& fc2_weight, const c10::optional<Tensor>& fc2_bias, c10::string_view act,
                            c10::string_view gate, const c10::optional<Tensor>& residual, c10::string_view out_act) {
   check_hidden_width(x, fc1_weight);
   const c10::cuda::CUDAGuard guard(x.device());
   const ForwardCall call = forward_call(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate, residual, out_act);
-  check_no_tail(call.args.residual != nullptr || call.args.out_act != OutAct::kNone);
   if (call.args.n == 0) return call.result();
   const CudaSchedule plan = schedule(x, call.args.x_strides);
   const Tensor sync = sync_workspace(x, call.args.n);
@@ -97,7 +90,6 @@ BackwardResult backward_cuda(const Tensor& grad_y, const Tensor& x, const Tensor
   const BackwardCall call = backward_call(grad_y, x, fc1_weight, fc2_weight, z, a, e, act, gate, has_fc1_bias,
                                           has_fc2_bias, need_dx, need_weight_grads, y, residual, out_act,
                                           need_residual_grad);
-  check_no_tail(call.args.out_act != OutAct::kNone);
   if (call.args.n == 0) return call.result();
   const CudaSchedule plan = schedule(x, call.args.x_strides);
   const Tensor sync = sync_workspace(x, call.args.n);
