@@ -251,8 +251,9 @@ BackwardCall backward_call(const Tensor& grad_y, const Tensor& x_in, const Tenso
   const int64_t r = check_inputs(x_in, fc1_weight, c10::nullopt, fc2_weight, c10::nullopt);
   const OutAct out_act_kind = parse_out_act(out_act);
   check_like_x(grad_y, "grad_y", x_in);
+  // SiLU's residual is optional: without one the forward computed silu(x * s)
   for (const auto& [t, name, needed] : {std::tuple(&y_in, "y", out_act_kind == OutAct::kRelu),
-                                        std::tuple(&residual_in, "residual", out_act_kind == OutAct::kSilu)}) {
+                                        std::tuple(&residual_in, "residual", false)}) {
     if (*t) {
       check_like_x(**t, name, x_in);
     } else {

@@ -62,10 +62,11 @@ SE_HOST_DEVICE T out_activation(T v, OutAct out_act) {
 }
 
 // grad · out_act'(u), the gradient at the tail's input: u is y for ReLU (threshold_backward on the
-// output, as eager's in-place ReLU does) and the activation's input x · s + residual for SiLU.
+// output, as eager's ReLU does: a select, so a NaN y passes the gradient on) and the activation's
+// input x · s + residual for SiLU.
 template <typename T>
 SE_HOST_DEVICE T out_activation_backward(T grad, T u, OutAct out_act) {
-  if (out_act == OutAct::kRelu) return u > T(0) ? grad : T(0);
+  if (out_act == OutAct::kRelu) return u <= T(0) ? T(0) : grad;
   if (out_act == OutAct::kSilu) {
     const T sig = sigmoid(u);
     return grad * (sig * (T(1) + u * (T(1) - sig)));

@@ -12,7 +12,7 @@ y = out_act(x * s + residual); backward(grad_y, x, fc1_weight, fc2_weight, z, a,
 has_fc1_bias, has_fc2_bias, need_dx, need_weight_grads, y=None, residual=None, out_act="none",
 need_residual_grad=False) -> (dx, dw1, db1, dw2, db2, d_residual), empty tensors for what was
 not asked for. The backward of out_act "relu" reads y (its mask), that of "silu" the residual
-(to recompute the activation's input); d_residual is the gradient at out_act's input, returned
+if the forward had one (to recompute the activation's input); d_residual is the gradient at out_act's input, returned
 when out_act is not "none" (without out_act it is grad_y itself). Weights may be (R, C) or (R, C, 1, 1) and
 their gradients come back in the same shape; x whose H and W do not flatten into one axis is
 copied first; y and dx have the strides of ``empty_like`` of that x. Every op checks every

@@ -130,11 +130,11 @@ def check_hidden_width(backend: str, r: int, x: torch.Tensor) -> None:
 
 
 def check_backward_tail(grad_y, x, y, residual, out_act: str) -> None:
-    """The full-size arguments of a backward op: grad_y always; y when out_act is "relu" (its mask),
-    the residual when it is "silu" (to recompute the activation's input)."""
+    """The full-size arguments of a backward op: grad_y always; y when out_act is "relu" (its mask);
+    for "silu" the residual when the forward had one (to recompute the activation's input)."""
     check_choice("out_act", out_act, OUT_ACTIVATIONS)
     check_like_x("grad_y", grad_y, x)
-    for name, t, needed in (("y", y, out_act == "relu"), ("residual", residual, out_act == "silu")):
+    for name, t, needed in (("y", y, out_act == "relu"), ("residual", residual, False)):
         if t is not None:
             check_like_x(name, t, x)
         elif needed:

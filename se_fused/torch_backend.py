@@ -84,7 +84,7 @@ def tail_backward(grad_y, x, y, residual, s, out_act: str) -> torch.Tensor:
     threshold_backward), from the recomputed input x * s + residual for SiLU."""
     g = grad_y.to(s.dtype)
     if out_act == "relu":
-        return torch.where(y > 0, g, 0.0)
+        return torch.where(y <= 0, 0.0, g)  # threshold_backward: a NaN y passes the gradient on
     if out_act == "silu":
         t = x.to(s.dtype) * s[:, :, None, None]
         return activation_backward(g, t if residual is None else t + residual.to(s.dtype), "silu")

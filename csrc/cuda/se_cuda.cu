@@ -210,6 +210,13 @@ __device__ __forceinline__ void unpack(const Pack<T, V>& pk, A (&out)[V]) {
   for (int i = 0; i < V; ++i) out[i] = to_acc(pk.v[i]);
 }
 
+// The tail's input x · s + r (r the residual, or 0 without one), rounded once: the forward and the
+// SiLU backward's recomputation must agree, and contraction would otherwise be ptxas's choice.
+template <typename A>
+__device__ __forceinline__ A tail_input(A x, A s, A r) {
+  return fma(x, s, r);
+}
+
 // The residual tail's gradient at its input (docs/DESIGN.md §11), dt = g · out_act'(t) for V
 // elements: t = u for ReLU (u is y) and u · s + r for SiLU (u is x, r the residual or 0), the
 // value the forward's rescale computed.
@@ -218,7 +225,7 @@ __device__ __forceinline__ void tail_gradient(OutAct out_act, const A (&g)[V], c
                                               const A (&s)[V], A (&dt)[V]) {
 #pragma unroll
   for (int i = 0; i < V; ++i) {
-    const A t = out_act == OutAct::kRelu ? u[i] : u[i] * s[i] + r[i];
+    const A t = out_act == OutAct::kRelu ? u[i] : tail_input(u[i], s[i], r[i]);
     dt[i] = out_activation_backward(g[i], t, out_act);
   }
 }
@@ -247,7 +254,7 @@ struct SumOfGradTimesX {
   Gate gate;
   OutAct out_act;
   __device__ Channel channel(int64_t c) const {
-    if constexpr (TAIL) return {gate_fn(e[c], gate)};
+    if constexpr (TAIL) return {out_act == OutAct::kSilu ? gate_fn(e[c], gate) : A(0)};  // ReLU needs no s
     return {A(0)};
   }
   __device__ void load(int64_t c, int64_t p, const Channel (&k)[V], A (&v)[V]) const {
@@ -299,10 +306,11 @@ struct ScaleForward {
     Pack<T, V> out;
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      A v = to_acc(l.x.v[i]) * k[i].s;
+      A v;
       if constexpr (TAIL) {
-        if (residual.base) v += to_acc(l.r.v[i]);
-        v = out_activation(v, out_act);
+        v = out_activation(tail_input(to_acc(l.x.v[i]), k[i].s, residual.base ? to_acc(l.r.v[i]) : A(0)), out_act);
+      } else {
+        v = to_acc(l.x.v[i]) * k[i].s;
       }
       from_acc(v, out.v[i]);
     }

@@ -74,7 +74,7 @@ def out_activation_backward(grad, u, OUT: tl.constexpr):
     """grad · out_act'(·) from u: y for ReLU (eager's threshold_backward on the output), the
     activation's input for SiLU."""
     if OUT == 1:
-        d = tl.where(u > 0.0, grad, 0.0)
+        d = tl.where(u <= 0.0, 0.0, grad)  # threshold_backward: a NaN y passes the gradient on
     else:
         sig = _sigmoid(u)
         d = grad * (sig * (1.0 + u * (1.0 - sig)))
