@@ -277,63 +277,6 @@ SE_ALWAYS_INLINE void load_product(const T* a, const T* b, int64_t i, int64_t co
   }
 }
 
-template <typename A>
-inline A reduce_sum(const Vectorized<A>& v) {
-  return at::vec::vec_reduce_all<A>([](Vectorized<A>& x, Vectorized<A>& y) { return x + y; }, v);
-}
-
-// Rows short enough that row_sum's fixed cost (four accumulators folded, then a horizontal sum) is
-// a large part of a row: 7x7 and 14x14 maps. They are summed kRowBatch at a time.
-constexpr int64_t kShortRow = 256;
-constexpr int64_t kRowBatch = 8;
-
-// out[r] = Σ_i a[r · P + i] (· b[r · P + i]) for r < rows <= kRowBatch back-to-back rows: one vector
-// accumulator per row, the steps interleaved across rows, then one shuffle tree for all rows. A row's
-// sum depends on its own elements only, whatever rows share its batch: thread counts change batches,
-// never results.
-template <bool PRODUCT, typename T, typename A>
-SE_ALWAYS_INLINE void short_row_sums(const T* a, const T* b, int64_t rows, int64_t P, A* out) {
-  constexpr int64_t W = kStep<A>;
-  Vectorized<A> acc[kRowBatch];
-  SE_UNROLL
-  for (int64_t r = 0; r < kRowBatch; ++r) acc[r] = Vectorized<A>(A(0));
-  for (int64_t i = 0; i < P; i += W) {
-    const int64_t count = std::min(W, P - i);
-    SE_UNROLL
-    for (int64_t r = 0; r < kRowBatch; ++r) {
-      if (r < rows) {
-        // Explicit FMAs: left to -ffp-contract, GCC contracted the unrolled rows differently, and a
-        // row's sum depended on its place in the batch.
-        Vectorized<A> a0, a1;
-        load(a + r * P + i, a0, a1, count);
-        if constexpr (PRODUCT) {
-          Vectorized<A> b0, b1;
-          load(b + r * P + i, b0, b1, count);
-          acc[r] = at::vec::fmadd(a1, b1, at::vec::fmadd(a0, b0, acc[r]));
-        } else {
-          acc[r] = (acc[r] + a0) + a1;
-        }
-      }
-    }
-  }
-#if defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<A, float>) {
-    // row r's lanes l0..l7 become ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)), in lane r
-    const __m256 h01 = _mm256_hadd_ps(acc[0], acc[1]), h23 = _mm256_hadd_ps(acc[2], acc[3]);
-    const __m256 h45 = _mm256_hadd_ps(acc[4], acc[5]), h67 = _mm256_hadd_ps(acc[6], acc[7]);
-    const __m256 q0 = _mm256_hadd_ps(h01, h23), q1 = _mm256_hadd_ps(h45, h67);
-    const Vectorized<A> sums(_mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20), _mm256_permute2f128_ps(q0, q1, 0x31)));
-    if (rows == kRowBatch) {
-      sums.store(out);
-    } else {
-      store_partial(out, sums, rows);
-    }
-    return;
-  }
-#endif
-  for (int64_t r = 0; r < rows; ++r) out[r] = reduce_sum(acc[r]);
-}
-
 // acc[c] = Σ_{p < np} a[p · C + c] (· b[p · C + c]) for C <= kStep / 2 channels of densely packed
 // positions: each step reads kStep contiguous elements and counts its first k·C (k whole positions),
 // lane j holding channel j mod C; the lanes past k·C are the next step's and are never folded.
@@ -625,16 +568,6 @@ void channel_sums(int64_t n0, int64_t n1, int64_t C, int64_t P, const T* a, Stri
     });
     return;
   }
-  const auto back_to_back = [&](const Strides3& v) { return v.c == P && v.n == C * P; };
-  if (layout == Layout::kRows && P <= kShortRow && back_to_back(sa) && back_to_back(sb)) {
-    const T *rows_a = a + n0 * C * P, *rows_b = b + n0 * C * P;
-    at::parallel_for(0, G * C, std::max<int64_t>(1, kGrain / P), [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; i += kRowBatch) {
-        short_row_sums<PRODUCT>(rows_a + i * P, rows_b + i * P, std::min(kRowBatch, i1 - i), P, out + n0 * C + i);
-      }
-    });
-    return;
-  }
   at::parallel_for(0, G * C, std::max<int64_t>(1, kGrain / P), [&](int64_t i0, int64_t i1) {
     for_rows(n0, C, i0, i1, [&](int64_t n, int64_t c) {
       const T* pa = a + n * sa.n + c * sa.c;
@@ -843,6 +776,11 @@ int64_t group_size(int64_t N, int64_t C, int64_t P, int64_t element_size, int te
 // M = 8, C = 2048, R = 128 ATen's GEMM (MKL) took ~120 us a layer, most of it packing.
 
 constexpr int64_t kTileRows = 4;  // rows of a group a task carries through one pass over a weight
+
+template <typename A>
+inline A reduce_sum(const Vectorized<A>& v) {
+  return at::vec::vec_reduce_all<A>([](Vectorized<A>& x, Vectorized<A>& y) { return x + y; }, v);
+}
 
 // acc[t] += in[t, k..k+count) · wj[k..k+count), elementwise, for t < ROWS (in's rows K apart).
 template <int64_t ROWS, typename W, typename A>
