@@ -49,9 +49,9 @@ if [ $dry_run = 1 ]; then
     step build "build (dry: import only)" 120 "$out/build.log" python -c "import se_fused.ops as o; assert o.extension_available(), o.EXTENSION_ERROR; print('se_fused._C loads')"
     step tests "tests (dry: a subset)" 600 "$out/tests.log" env TRITON_INTERPRET=1 python -m pytest -x -q -k "edge_shapes and 3x3x7x7" tests/test_accuracy.py
     step sanitizer "sanitizer (dry: no GPU)" 300 "$out/sanitizer.log" python benchmarks/sanitizer_case.py
-    step bench "bench (dry: CPU)" 300 "$scratch/bench.log" python benchmarks/bench_se.py --out "$out" --models mobilenetv3_large --layouts nchw --compile-modes --rounds 2
+    step bench "bench (dry: CPU)" 300 "$scratch/bench.log" python benchmarks/bench_se.py --out "$out" --models mobilenetv3_large --layouts nchw --dtypes float32 --compile-modes --rounds 2
     step bench "host time (dry: CPU)" 120 "$scratch/host.log" python benchmarks/host_overhead.py --calls 200 --rounds 2 --out "$scratch"
-    step e2e "end to end (dry: CPU)" 300 "$scratch/e2e.log" python benchmarks/end_to_end.py --quick --no-compile --out "$scratch" --models mobilenetv3_large_100
+    step e2e "end to end (dry: CPU)" 300 "$scratch/e2e.log" python benchmarks/end_to_end.py --quick --no-compile --no-train --out "$scratch" --models mobilenetv3_large_100
 else
     export MAX_JOBS=$(nproc) TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" SE_FUSED_REQUIRE_CUDA=1
     step build "build" 420 "$out/build.log" pip install --no-build-isolation --no-deps -e .

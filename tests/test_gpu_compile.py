@@ -16,5 +16,5 @@ def test_kernels_compile_for_sm80_and_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    assert "compiled 80 kernel variants" in out.stdout, out.stdout
+    assert "compiled 68 kernel variants" in out.stdout, out.stdout
     print(out.stdout)
