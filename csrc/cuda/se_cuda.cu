@@ -54,11 +54,20 @@ __device__ __forceinline__ void store_raw(T* p, const Pack<T, V>& pk) {
   }
 }
 
+template <typename T, int V>
+__device__ __forceinline__ Pack<T, V> load_raw(const T* p) {
+  return *reinterpret_cast<const Pack<T, V>*>(p);
+}
+
 template <typename T, int V, typename A>
-__device__ __forceinline__ void load_pack(const T* p, A (&out)[V]) {
-  const Pack<T, V> pk = *reinterpret_cast<const Pack<T, V>*>(p);
+__device__ __forceinline__ void unpack(const Pack<T, V>& pk, A (&out)[V]) {
 #pragma unroll
   for (int i = 0; i < V; ++i) out[i] = to_acc(pk.v[i]);
+}
+
+template <typename T, int V, typename A>
+__device__ __forceinline__ void load_pack(const T* p, A (&out)[V]) {
+  unpack(load_raw<T, V>(p), out);
 }
 
 template <typename T, int V, typename A>
@@ -199,17 +208,6 @@ __device__ void rescale_item(const Step& step, int64_t c0, int64_t c1, int64_t p
   }
 }
 
-template <typename T, int V>
-__device__ __forceinline__ Pack<T, V> load_raw(const T* p) {
-  return *reinterpret_cast<const Pack<T, V>*>(p);
-}
-
-template <typename T, int V, typename A>
-__device__ __forceinline__ void unpack(const Pack<T, V>& pk, A (&out)[V]) {
-#pragma unroll
-  for (int i = 0; i < V; ++i) out[i] = to_acc(pk.v[i]);
-}
-
 // The tail's input x · s + r (r the residual, or 0 without one), rounded once: the forward and the
 // SiLU backward's recomputation must agree, and contraction would otherwise be ptxas's choice.
 template <typename A>
@@ -347,13 +345,12 @@ struct ScaleBackward {
     return l;
   }
   __device__ void store(int64_t c, int64_t p, const Loaded& l, const Channel (&k)[V]) const {
-    A dt[V], s[V];
-    unpack(l.g, dt);
+    A g[V], s[V], dt[V];
+    unpack(l.g, g);
 #pragma unroll
-    for (int i = 0; i < V; ++i) s[i] = k[i].s;
+    for (int i = 0; i < V; ++i) s[i] = k[i].s, dt[i] = g[i];
     if constexpr (TAIL) {
-      A g[V], u[V], r[V];
-      unpack(l.g, g);
+      A u[V], r[V];
       unpack(l.u, u);
 #pragma unroll
       for (int i = 0; i < V; ++i) r[i] = 0;
