@@ -63,6 +63,36 @@ def test_opcheck_copies_what_does_not_flatten(layout, any_backend_device):
                                          True, True))
 
 
+def _weight_view(w, kind):
+    """w's values in another storage: 'transposed' (stored as its transpose), 'offset' (one element past a
+    16-byte boundary, so no 16-byte pack of it is aligned)."""
+    if kind == "transposed":
+        return w.t().contiguous().t()
+    flat = torch.empty(w.numel() + 1, dtype=w.dtype, device=w.device)
+    view = flat[1:].view(w.shape)
+    view.copy_(w)
+    return view
+
+
+@pytest.mark.parametrize("kind", ["transposed", "offset"])
+@pytest.mark.parametrize("c,r", [(24, 8), (12, 5)], ids=["packable", "odd"])
+def test_weights_of_any_strides_and_alignment(kind, c, r, any_backend_device):
+    """Weights read in place whatever their strides and alignment (the CUDA MLP reads rows, columns or
+    single elements accordingly): the same outputs and gradients as from contiguous weights."""
+    backend, device = any_backend_device
+    x, w1, b1, w2, b2 = _op_args(device, c=c, r=r)
+    ops = BACKEND_OPS[backend]
+    g = torch.randn_like(x)
+    results = []
+    for v1, v2 in ((w1, w2), (_weight_view(w1, kind), _weight_view(w2, kind))):
+        y, z, a, e = ops.forward(x, v1, b1, v2, b2, "relu", "sigmoid")
+        results.append((y, z, a, e) + tuple(ops.backward(g, x, v1, v2, z, a, e, "relu", "sigmoid", True, True, True,
+                                                         True)[:5]))
+    names = ("y", "z", "a", "e", "dx", "dw1", "db1", "dw2", "db2")
+    for name, strided, contiguous in zip(names, results[1], results[0]):
+        torch.testing.assert_close(strided, contiguous, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_backward_ops_reject_a_mismatched_gradient(any_backend_device):
     backend, device = any_backend_device
     x, w1, b1, w2, b2 = _op_args(device)

@@ -1,5 +1,9 @@
 """Beyond accuracy: NaN and Inf behave as in eager, threads, sizes past 2**31 elements, hidden-width limits."""
 
+import contextlib
+import fcntl
+import os
+import tempfile
 import threading
 
 import pytest
@@ -86,43 +90,53 @@ def _available_memory_bytes() -> int:
     return int(fields["MemAvailable"].split()[0]) * 1024
 
 
+@contextlib.contextmanager
+def _one_big_memory_test_at_a_time():
+    """An inter-process lock: each case below holds ~13 GiB, and under pytest-xdist two at once passed
+    their free-memory check together and ran a 23 GiB machine out of memory (the OOM killer took a worker)."""
+    with open(os.path.join(tempfile.gettempdir(), "se_fused_big_memory_test.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 @pytest.mark.skipif(not extension_available(), reason="needs the C++ kernel (CI builds it)")
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_more_than_2_to_the_31_elements(channels_last):
     """The C++ kernel indexes with 64 bits: x of 2**31 + 65536 bfloat16 elements, forward and backward."""
-    h, w = 32768, 32769  # 2 channels x 32768 x 32769 > 2**31: channel 1 ends past element 2**31
-    need = 3 * 2 * h * w * 2 + (1 << 30)
-    if _available_memory_bytes() < need:
-        pytest.skip(f"needs {need / 2**30:.1f} GiB of free memory")
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.zeros(1, 2, h, w, dtype=torch.bfloat16).contiguous(memory_format=memory_format)
-    marks = {(0, 0, 0): 1.5, (1, 0, 0): 2.0, (1, h - 1, w - 1): 4.0, (0, h - 1, w - 1): -3.0}
-    for (c, i, j), v in marks.items():
-        x[0, c, i, j] = v
-    gen = torch.Generator().manual_seed(6)
-    w1, w2 = torch.randn(3, 2, generator=gen), torch.randn(2, 3, generator=gen)
-    b1, b2 = torch.randn(3, generator=gen), torch.randn(2, generator=gen)
-    y, z, a, e = torch.ops.se_fused.se_forward(x, w1, b1, w2, b2, "silu", "sigmoid")
+    with _one_big_memory_test_at_a_time():
+        h, w = 32768, 32769  # 2 channels x 32768 x 32769 > 2**31: channel 1 ends past element 2**31
+        need = 3 * 2 * h * w * 2 + (1 << 30)
+        if _available_memory_bytes() < need:
+            pytest.skip(f"needs {need / 2**30:.1f} GiB of free memory")
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        x = torch.zeros(1, 2, h, w, dtype=torch.bfloat16).contiguous(memory_format=memory_format)
+        marks = {(0, 0, 0): 1.5, (1, 0, 0): 2.0, (1, h - 1, w - 1): 4.0, (0, h - 1, w - 1): -3.0}
+        for (c, i, j), v in marks.items():
+            x[0, c, i, j] = v
+        gen = torch.Generator().manual_seed(6)
+        w1, w2 = torch.randn(3, 2, generator=gen), torch.randn(2, 3, generator=gen)
+        b1, b2 = torch.randn(3, generator=gen), torch.randn(2, generator=gen)
+        y, z, a, e = torch.ops.se_fused.se_forward(x, w1, b1, w2, b2, "silu", "sigmoid")
 
-    p = h * w
-    z_expected = torch.tensor([[1.5 - 3.0, 2.0 + 4.0]], dtype=torch.float64) / p
-    torch.testing.assert_close(z.double(), z_expected, rtol=1e-6, atol=0)
-    s = torch.sigmoid(e[0])
-    assert torch.count_nonzero(y).item() == len(marks)  # every other element written, as 0 (poisoned: NaN)
-    for (c, i, j), v in marks.items():
-        torch.testing.assert_close(y[0, c, i, j].float(), (v * s[c]).bfloat16().float())
-    del y
+        p = h * w
+        z_expected = torch.tensor([[1.5 - 3.0, 2.0 + 4.0]], dtype=torch.float64) / p
+        torch.testing.assert_close(z.double(), z_expected, rtol=1e-6, atol=0)
+        s = torch.sigmoid(e[0])
+        assert torch.count_nonzero(y).item() == len(marks)  # every other element written, as 0 (poisoned: NaN)
+        for (c, i, j), v in marks.items():
+            torch.testing.assert_close(y[0, c, i, j].float(), (v * s[c]).bfloat16().float())
+        del y
 
-    dx, *_ = torch.ops.se_fused.se_backward(x, x, w1, w2, z, a, e, "silu", "sigmoid", True, True, True, False)
-    assert torch.isfinite(dx.float().sum())  # nothing left poisoned
-    ref_s, ref_z, ref_a, ref_e = (t.double() for t in (s, z, a, e))
-    ds = torch.tensor([[1.5**2 + 3.0**2, 2.0**2 + 4.0**2]], dtype=torch.float64)
-    from se_fused.torch_backend import activation_backward, gate_backward
+        dx, *_ = torch.ops.se_fused.se_backward(x, x, w1, w2, z, a, e, "silu", "sigmoid", True, True, True, False)
+        assert torch.isfinite(dx.float().sum())  # nothing left poisoned
+        ref_s, ref_z, ref_a, ref_e = (t.double() for t in (s, z, a, e))
+        ds = torch.tensor([[1.5**2 + 3.0**2, 2.0**2 + 4.0**2]], dtype=torch.float64)
+        from se_fused.torch_backend import activation_backward, gate_backward
 
-    dz = activation_backward(gate_backward(ds, ref_e, "sigmoid") @ w2.double(), ref_a, "silu") @ w1.double()
-    for (c, i, j), v in list(marks.items()) + [((1, h - 1, 0), 0.0), ((0, h // 2, w // 2), 0.0)]:
-        expected = v * ref_s[c] + dz[0, c] / p  # dx = g·s + dz/P with g = x
-        torch.testing.assert_close(dx[0, c, i, j].double(), expected.bfloat16().double(), rtol=1e-2, atol=1e-12)
+        dz = activation_backward(gate_backward(ds, ref_e, "sigmoid") @ w2.double(), ref_a, "silu") @ w1.double()
+        for (c, i, j), v in list(marks.items()) + [((1, h - 1, 0), 0.0), ((0, h // 2, w // 2), 0.0)]:
+            expected = v * ref_s[c] + dz[0, c] / p  # dx = g·s + dz/P with g = x
+            torch.testing.assert_close(dx[0, c, i, j].double(), expected.bfloat16().double(), rtol=1e-2, atol=1e-12)
 
 
 LIMITS = [(backend, device, dtype, MAX_HIDDEN[backend][8 if dtype == torch.float64 else 4])

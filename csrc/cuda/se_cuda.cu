@@ -777,7 +777,8 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 }  // namespace
 
 CudaSchedule plan_cuda_schedule(int64_t n, int64_t c, int64_t p, bool channels_inner, int element_size,
-                                int num_sms, int force_split, int64_t force_group_size, int64_t force_num_blocks) {
+                                int num_sms, int64_t l2_bytes, int force_split, int64_t force_group_size,
+                                int64_t force_num_blocks) {
   CudaSchedule s{};
   s.block_c = channels_inner ? kBlockChannelsInner : kBlockChannelsRows;
   const int64_t channel_blocks = ceil_div(c, s.block_c);
@@ -799,7 +800,14 @@ CudaSchedule plan_cuda_schedule(int64_t n, int64_t c, int64_t p, bool channels_i
   s.seg_len = std::min(seg, ceil_div(p, unit) * unit);
   s.num_segments = static_cast<int>(ceil_div(p, s.seg_len));
   s.items_per_sample = static_cast<int>(channel_blocks * s.num_segments);
-  const int64_t group = force_group_size > 0 ? force_group_size : ceil_div(resident, s.items_per_sample);
+  // A group is at least one wave of reduce items; small samples make it larger, up to what two groups
+  // in flight keep in half the L2 (the rescale re-reads x from there). A sample's MLP runs in the block
+  // that finished its reduce, and a group's rescale waits for all of them: with one-wave groups, small
+  // maps ran their groups' MLPs one group after another (128 x 2048 x 7 x 7: 15 groups of 9 samples).
+  const int64_t sample_bytes = std::max<int64_t>(1, c * p * element_size);
+  const int64_t group = force_group_size > 0
+                            ? force_group_size
+                            : std::max(ceil_div(resident, s.items_per_sample), l2_bytes / (4 * sample_bytes));
   s.group_size = static_cast<int>(std::min<int64_t>(n, group));
   s.num_groups = static_cast<int>(ceil_div(n, s.group_size));
   s.num_tickets = 2 * s.num_groups * s.group_size * s.items_per_sample;

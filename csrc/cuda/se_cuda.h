@@ -37,8 +37,10 @@ constexpr int kThreads = 256;
 
 // force_split: -1 lets the heuristic choose; 0 or 1 forces the regime. force_group_size and
 // force_num_blocks (split regime): 0 lets the heuristic choose.
+// l2_bytes: the GPU's L2 size, which bounds how many small samples a group holds.
 CudaSchedule plan_cuda_schedule(int64_t n, int64_t c, int64_t p, bool channels_inner, int element_size,
-                                int num_sms, int force_split, int64_t force_group_size, int64_t force_num_blocks);
+                                int num_sms, int64_t l2_bytes, int force_split, int64_t force_group_size,
+                                int64_t force_num_blocks);
 
 // `sync` points at 1 + 2*n zero-initialised ints (ticket, per-sample counters, per-sample
 // flags) that are zero again when the kernel ends. `partial` holds n * num_segments * c
