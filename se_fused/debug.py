@@ -55,12 +55,13 @@ def record_launch(kernel_name: str) -> None:
 
 
 @contextlib.contextmanager
-def poison_outputs() -> Iterator[None]:
-    """Fill every buffer a kernel is meant to overwrite with NaN before launch (every backend)."""
+def poison_outputs(enabled: bool = True) -> Iterator[None]:
+    """Fill every buffer a kernel is meant to overwrite with NaN before launch (every backend);
+    ``enabled=False`` turns that off inside, e.g. to count the kernels a call launches."""
     global _poison
-    previous, _poison = _poison, True
+    previous, _poison = _poison, enabled
     if native is not None:
-        native.set_poison_outputs(True)
+        native.set_poison_outputs(enabled)
     try:
         yield
     finally:

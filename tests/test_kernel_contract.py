@@ -73,17 +73,25 @@ def test_one_launch_forward_one_backward(split, device):
 
 if torch.cuda.is_available() and se_fused.ops.cuda_kernels_available():
 
-    def test_cuda_backend_one_launch_forward_two_backward():
+    @pytest.mark.parametrize("split", [False, True], ids=["per-sample", "split"])
+    def test_cuda_backend_one_launch_forward_one_backward(split):
+        """One kernel each way, weight gradients included, and no fill or memset kernel beside them."""
         torch.manual_seed(1)
         fused = FusedSE(40, rd_channels=6, backend="cuda").cuda()
         x = torch.randn(3, 40, 7, 7, device="cuda", requires_grad=True)
-        with se_fused.count_kernel_launches() as fwd, torch.profiler.profile() as prof:
-            y = fused(x)
-        with se_fused.count_kernel_launches() as bwd:
-            y.backward(torch.randn_like(y))
-        assert fwd.count == 1 and bwd.count == 2
+        with force_schedule(split=split), se_fused.poison_outputs(False):  # no NaN fills of the outputs
+            fused(x).sum().backward()  # warm-up: the workspace is allocated (and zeroed) once
+            grad = torch.randn(3, 40, 7, 7, device="cuda")
+            torch.cuda.synchronize()
+            with torch.profiler.profile() as prof:
+                with se_fused.count_kernel_launches() as fwd:
+                    y = fused(x)
+                with se_fused.count_kernel_launches() as bwd:
+                    torch.autograd.grad(y, [x] + list(fused.parameters()), grad)
+                torch.cuda.synchronize()
+        assert fwd.count == 1 and bwd.count == 1
         kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        assert sum("se_forward_kernel" in k for k in kernels) == 1, kernels
+        assert len(kernels) == 2 and "se_forward_kernel" in kernels[0] and "se_backward_kernel" in kernels[1], kernels
 
 
 def test_frozen_weights_backward_is_one_launch(device):

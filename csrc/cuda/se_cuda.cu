@@ -19,6 +19,7 @@ constexpr int kBlockChannelsInner = 64;  // channels_last: channels per item
 constexpr int64_t kItemElements = 16384;  // per split item: amortises its atomics and partial-sum store
 constexpr int64_t kSampleBytesPerBlock = 128 * 1024;  // largest sample one block handles alone
 constexpr int kBlocksPerSm = 4;
+constexpr int kWeightGradTile = 32;  // channels and hidden units of a weight-gradient tile
 
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
@@ -480,10 +481,15 @@ __device__ bool arrive_reduced(int* counter, int items_per_sample) {
   return last;
 }
 
-__device__ void publish(int* flag) {
+// After a sample's MLP: its results are visible device-wide, then its flag is raised (split
+// regime) and, when the launch sums weight gradients, the batch counter counts it.
+__device__ void publish(int* flag, int* batch) {
   __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) atomicExch(flag, 1);
+  if (threadIdx.x == 0) {
+    if (flag) atomicExch(flag, 1);
+    if (batch) atomicAdd(batch, 1);
+  }
 }
 
 __device__ void wait_published(int* flag) {
@@ -503,43 +509,77 @@ __device__ void release_rescaled(int* counter, int* flag, int items_per_sample) 
   }
 }
 
+// Before a weight-gradient tile: every sample's MLP is done (the batch counter reached n) and visible.
+__device__ void wait_batch(int* batch, int64_t n) {
+  if (threadIdx.x == 0) {
+    while (atomicAdd(batch, 0) < n) __nanosleep(64);
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+// After a weight-gradient tile: the last of them zeroes the batch counter for the next launch.
+__device__ void release_batch(int* batch, int64_t n, int wgrad_tiles) {
+  __syncthreads();
+  if (threadIdx.x == 0 && atomicAdd(batch, 1) == n + wgrad_tiles - 1) atomicExch(batch, 0);
+}
+
 __device__ void retire(int* ticket, int last_ticket, int num_tickets) {
   if (threadIdx.x == 0 && last_ticket == num_tickets + static_cast<int>(gridDim.x) - 1) atomicExch(ticket, 0);
 }
 
-// Runs the schedule of se_cuda.h; `ops` supplies the three steps for one sample n:
+// Runs the schedule of se_cuda.h; `ops` supplies the steps for one sample n, and the backward's
+// weight-gradient tiles:
 //   ops.reduce(n, c0, c1, p0, p1, out)   per-channel sums of channels [c0, c1) into out[c]
 //   ops.excite(n, num_segments)          the sample's MLP, from its partial sums
 //   ops.rescale(n, c0, c1, p0, p1)       the elementwise output of that item
+//   ops.weight_grads(tile)               one tile of the weight gradients, summed over the batch
+//                                        (backward: Ops::kWeightGrads)
+// Tickets come from one counter in both regimes; the weight-gradient tiles are the last of them
+// and wait for every sample's MLP (the batch counter), held by blocks that drew smaller tickets.
 template <typename Ops, typename A>
 __device__ void run_schedule(const CudaSchedule& s, int64_t N, int64_t C, int64_t P, int* sync, A* partial,
                              Ops& ops) {
-  if (!s.split) {  // one block owns sample blockIdx.x
-    const int64_t n = blockIdx.x;
-    for (int64_t c0 = 0; c0 < C; c0 += s.block_c) ops.reduce(n, c0, min(C, c0 + s.block_c), 0, P, partial + n * C);
-    __syncthreads();
-    ops.excite(n, 1);
-    __syncthreads();
-    for (int64_t c0 = 0; c0 < C; c0 += s.block_c) ops.rescale(n, c0, min(C, c0 + s.block_c), 0, P);
-    return;
-  }
   int* ticket_counter = sync;
   int* counters = sync + 1;
   int* flags = sync + 1 + N;
+  int* batch = s.wgrad_tiles ? sync + 1 + 2 * N : nullptr;
+  const int samples_end = s.num_tickets - s.wgrad_tiles;  // tickets from it on are weight-gradient tiles
+  const auto whole_sample = [&](int64_t n) {  // split = false: reduce, MLP, rescale in this block
+    for (int64_t c0 = 0; c0 < C; c0 += s.block_c) ops.reduce(n, c0, min(C, c0 + s.block_c), 0, P, partial + n * C);
+    __syncthreads();
+    ops.excite(n, 1);
+    publish(nullptr, batch);
+    for (int64_t c0 = 0; c0 < C; c0 += s.block_c) ops.rescale(n, c0, min(C, c0 + s.block_c), 0, P);
+  };
+  if constexpr (!Ops::kWeightGrads) {
+    if (!s.split) return whole_sample(blockIdx.x);  // a block a sample, nothing after them
+  }
   int ticket;
-  while ((ticket = draw_ticket(ticket_counter)) < s.num_tickets) {
-    const Item it = decode_ticket(ticket, s, C, P);
-    if (it.n >= N) continue;
-    if (it.is_reduce) {
-      ops.reduce(it.n, it.c0, it.c1, it.p0, it.p1, partial + (it.n * s.num_segments + it.seg) * C);
-      if (arrive_reduced(counters + it.n, s.items_per_sample)) {
-        ops.excite(it.n, s.num_segments);
-        publish(flags + it.n);
+  if (!s.split) {  // a ticket a sample, so that the weight-gradient tickets can follow them
+    while ((ticket = draw_ticket(ticket_counter)) < samples_end) whole_sample(ticket);
+  } else {
+    while ((ticket = draw_ticket(ticket_counter)) < samples_end) {
+      const Item it = decode_ticket(ticket, s, C, P);
+      if (it.n >= N) continue;
+      if (it.is_reduce) {
+        ops.reduce(it.n, it.c0, it.c1, it.p0, it.p1, partial + (it.n * s.num_segments + it.seg) * C);
+        if (arrive_reduced(counters + it.n, s.items_per_sample)) {
+          ops.excite(it.n, s.num_segments);
+          publish(flags + it.n, batch);
+        }
+      } else {
+        wait_published(flags + it.n);
+        ops.rescale(it.n, it.c0, it.c1, it.p0, it.p1);
+        release_rescaled(counters + it.n, flags + it.n, s.items_per_sample);
       }
-    } else {
-      wait_published(flags + it.n);
-      ops.rescale(it.n, it.c0, it.c1, it.p0, it.p1);
-      release_rescaled(counters + it.n, flags + it.n, s.items_per_sample);
+    }
+  }
+  if constexpr (Ops::kWeightGrads) {  // past the samples' tickets, in a loop of its own
+    for (; ticket < s.num_tickets; ticket = draw_ticket(ticket_counter)) {
+      wait_batch(batch, N);
+      ops.weight_grads(ticket - samples_end);
+      release_batch(batch, N, s.wgrad_tiles);
     }
   }
   retire(ticket_counter, ticket, s.num_tickets);
@@ -550,6 +590,7 @@ __device__ void run_schedule(const CudaSchedule& s, int64_t N, int64_t C, int64_
 template <typename T, typename PT, int V, bool CH_INNER, bool TAIL>
 struct ForwardOps {
   using A = acc_t<T>;
+  static constexpr bool kWeightGrads = false;  // the forward plans no weight-gradient tiles
   const ForwardArgs& args;
   const A* partial;
   A* h;  // R shared accumulators
@@ -569,11 +610,64 @@ struct ForwardOps {
   }
 };
 
+// One tile of the weight gradients, the backward's last tickets: dW2 = deᵀ act(a), dW1 = daᵀ z,
+// db2 = Σ de, db1 = Σ da, summed over n in order (deterministic). Tile t covers channels
+// [32 (t mod ⌈C/32⌉), +32) and hidden units [32 ⌊t / ⌈C/32⌉⌋, +32); thread (tx, ty) owns rows ty,
+// ty+8, ... de and da were written by other blocks in this launch: read through L2 (__ldcg).
+template <typename PT, typename A>
+__device__ void weight_grad_tile(const BackwardArgs& args, int tile) {
+  constexpr int kTile = kWeightGradTile, kRowsPerThread = kTile / kWarps;
+  const int64_t C = args.c, R = args.r;
+  const int channel_tiles = static_cast<int>((C + kTile - 1) / kTile);
+  const int64_t c_tile = tile % channel_tiles, r_tile = tile / channel_tiles;
+  const int tx = threadIdx.x % kTile, ty = threadIdx.x / kTile;
+  const int64_t c = c_tile * kTile + tx;
+  const A* de = static_cast<const A*>(args.de);
+  const A* da = static_cast<const A*>(args.da);
+  const A* z = static_cast<const A*>(args.z);
+  const A* a = static_cast<const A*>(args.a);
+  A dw2[kRowsPerThread] = {}, dw1[kRowsPerThread] = {};
+  for (int64_t n = 0; n < args.n; ++n) {
+    const A de_nc = c < C ? __ldcg(de + n * C + c) : A(0);
+    const A z_nc = c < C ? z[n * C + c] : A(0);
+#pragma unroll
+    for (int k = 0; k < kRowsPerThread; ++k) {
+      const int64_t r = r_tile * kTile + ty + k * kWarps;
+      if (r < R) {
+        dw2[k] += de_nc * activation(a[n * R + r], args.act);
+        dw1[k] += z_nc * __ldcg(da + n * R + r);
+      }
+    }
+  }
+  PT* out_w2 = static_cast<PT*>(args.dw2);
+  PT* out_w1 = static_cast<PT*>(args.dw1);
+#pragma unroll
+  for (int k = 0; k < kRowsPerThread; ++k) {
+    const int64_t r = r_tile * kTile + ty + k * kWarps;
+    if (c < C && r < R) {
+      from_acc(dw2[k], out_w2[c * args.dw2_stride_c + r * args.dw2_stride_r]);
+      from_acc(dw1[k], out_w1[r * args.dw1_stride_r + c * args.dw1_stride_c]);
+    }
+  }
+  if (args.db2 && r_tile == 0 && ty == 0 && c < C) {
+    A sum = 0;
+    for (int64_t n = 0; n < args.n; ++n) sum += __ldcg(de + n * C + c);
+    from_acc(sum, static_cast<PT*>(args.db2)[c]);
+  }
+  const int64_t r = r_tile * kTile + tx;
+  if (args.db1 && c_tile == 0 && ty == 0 && r < R) {
+    A sum = 0;
+    for (int64_t n = 0; n < args.n; ++n) sum += __ldcg(da + n * R + r);
+    from_acc(sum, static_cast<PT*>(args.db1)[r]);
+  }
+}
+
 // Backward: reduce dt·x, excite backward (de, da, dz/P), rescale dx = dt * gate(e) + dz/P, where dt
 // is grad_y, or with the residual tail (TAIL) the gradient at its input, written as d_residual.
 template <typename T, typename PT, int V, bool CH_INNER, bool TAIL>
 struct BackwardOps {
   using A = acc_t<T>;
+  static constexpr bool kWeightGrads = true;
   const BackwardArgs& args;
   const A* partial;
   A* da;  // R shared accumulators
@@ -593,6 +687,7 @@ struct BackwardOps {
   __device__ void excite(int64_t n, int num_segments) const {
     excite_backward<PT>(args, n, partial, num_segments, da);
   }
+  __device__ void weight_grads(int tile) const { weight_grad_tile<PT, A>(args, tile); }
   __device__ void rescale(int64_t n, int64_t c0, int64_t c1, int64_t p0, int64_t p1) const {
     if (!args.dx) return;
     const bool relu = args.out_act == OutAct::kRelu;
@@ -620,54 +715,6 @@ __global__ void __launch_bounds__(kThreads) se_backward_kernel(BackwardArgs args
   extern __shared__ unsigned char smem[];
   BackwardOps<T, PT, V, CH_INNER, TAIL> ops{args, partial, reinterpret_cast<acc_t<T>*>(smem)};
   run_schedule(s, args.n, args.c, args.p, sync, partial, ops);
-}
-
-// dW2 = deᵀ act(a), dW1 = daᵀ z, db2 = Σ de, db1 = Σ da, summed over n in order.
-// Block (i, j): 32 channels x 32 hidden units; thread (tx, ty) owns rows ty, ty+8, ...
-template <typename PT, typename A>
-__global__ void __launch_bounds__(kThreads) se_weight_grad_kernel(BackwardArgs args) {
-  constexpr int kTile = 32, kRowsPerThread = kTile / kWarps;
-  const int64_t C = args.c, R = args.r;
-  const int tx = threadIdx.x % kTile, ty = threadIdx.x / kTile;
-  const int64_t c = blockIdx.x * kTile + tx;
-  const A* de = static_cast<const A*>(args.de);
-  const A* da = static_cast<const A*>(args.da);
-  const A* z = static_cast<const A*>(args.z);
-  const A* a = static_cast<const A*>(args.a);
-  A dw2[kRowsPerThread] = {}, dw1[kRowsPerThread] = {};
-  for (int64_t n = 0; n < args.n; ++n) {
-    const A de_nc = c < C ? de[n * C + c] : A(0);
-    const A z_nc = c < C ? z[n * C + c] : A(0);
-#pragma unroll
-    for (int k = 0; k < kRowsPerThread; ++k) {
-      const int64_t r = blockIdx.y * kTile + ty + k * kWarps;
-      if (r < R) {
-        dw2[k] += de_nc * activation(a[n * R + r], args.act);
-        dw1[k] += z_nc * da[n * R + r];
-      }
-    }
-  }
-  PT* out_w2 = static_cast<PT*>(args.dw2);
-  PT* out_w1 = static_cast<PT*>(args.dw1);
-#pragma unroll
-  for (int k = 0; k < kRowsPerThread; ++k) {
-    const int64_t r = blockIdx.y * kTile + ty + k * kWarps;
-    if (c < C && r < R) {
-      from_acc(dw2[k], out_w2[c * args.dw2_stride_c + r * args.dw2_stride_r]);
-      from_acc(dw1[k], out_w1[r * args.dw1_stride_r + c * args.dw1_stride_c]);
-    }
-  }
-  if (args.db2 && blockIdx.y == 0 && ty == 0 && c < C) {
-    A sum = 0;
-    for (int64_t n = 0; n < args.n; ++n) sum += de[n * C + c];
-    from_acc(sum, static_cast<PT*>(args.db2)[c]);
-  }
-  const int64_t r = blockIdx.y * kTile + tx;
-  if (args.db1 && blockIdx.x == 0 && ty == 0 && r < R) {
-    A sum = 0;
-    for (int64_t n = 0; n < args.n; ++n) sum += da[n * R + r];
-    from_acc(sum, static_cast<PT*>(args.db1)[r]);
-  }
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -750,14 +797,10 @@ cudaError_t backward_typed(const BackwardArgs& args, const CudaSchedule& s, int*
                                    {args.residual, args.residual_strides},
                                    {args.d_residual, args.d_residual_strides}});
   const bool tail = args.out_act != OutAct::kNone;
-  const cudaError_t err = with_variant<V>(packed, inner, tail, [&](auto v, auto in, auto tl) {
+  return with_variant<V>(packed, inner, tail, [&](auto v, auto in, auto tl) {
     return launch(se_backward_kernel<T, PT, decltype(v)::value, decltype(in)::value, decltype(tl)::value>, args, s,
                   sync, static_cast<A*>(partial), shared_accumulator_bytes<A>(args.r), stream);
   });
-  if (err != cudaSuccess || !args.dw1) return err;
-  const dim3 grid((args.c + 31) / 32, (args.r + 31) / 32);
-  se_weight_grad_kernel<PT, A><<<grid, kThreads, 0, stream>>>(args);
-  return cudaGetLastError();
 }
 
 template <typename Args, typename Fn>
@@ -776,10 +819,11 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace
 
-CudaSchedule plan_cuda_schedule(int64_t n, int64_t c, int64_t p, bool channels_inner, int element_size,
-                                int num_sms, int64_t l2_bytes, int force_split, int64_t force_group_size,
-                                int64_t force_num_blocks) {
+CudaSchedule plan_cuda_schedule(int64_t n, int64_t c, int64_t r, int64_t p, bool channels_inner, int element_size,
+                                int num_sms, int64_t l2_bytes, bool weight_grads, int force_split,
+                                int64_t force_group_size, int64_t force_num_blocks) {
   CudaSchedule s{};
+  s.wgrad_tiles = weight_grads ? static_cast<int>(ceil_div(c, kWeightGradTile) * ceil_div(r, kWeightGradTile)) : 0;
   s.block_c = channels_inner ? kBlockChannelsInner : kBlockChannelsRows;
   const int64_t channel_blocks = ceil_div(c, s.block_c);
   const int64_t resident = force_num_blocks > 0 ? force_num_blocks : static_cast<int64_t>(num_sms) * kBlocksPerSm;
@@ -790,7 +834,8 @@ CudaSchedule plan_cuda_schedule(int64_t n, int64_t c, int64_t p, bool channels_i
     s.items_per_sample = static_cast<int>(channel_blocks);
     s.group_size = 1;
     s.num_groups = static_cast<int>(n);
-    s.num_blocks = static_cast<int>(n);
+    s.num_tickets = static_cast<int>(n) + s.wgrad_tiles;  // the backward draws them; the forward runs a block a sample
+    s.num_blocks = s.num_tickets;
     return s;
   }
   // Segments are multiples of 256 positions, so every pack width divides them.
@@ -810,7 +855,7 @@ CudaSchedule plan_cuda_schedule(int64_t n, int64_t c, int64_t p, bool channels_i
                             : std::max(ceil_div(resident, s.items_per_sample), l2_bytes / (4 * sample_bytes));
   s.group_size = static_cast<int>(std::min<int64_t>(n, group));
   s.num_groups = static_cast<int>(ceil_div(n, s.group_size));
-  s.num_tickets = 2 * s.num_groups * s.group_size * s.items_per_sample;
+  s.num_tickets = 2 * s.num_groups * s.group_size * s.items_per_sample + s.wgrad_tiles;
   s.num_blocks = static_cast<int>(std::min<int64_t>(resident, s.num_tickets));
   return s;
 }

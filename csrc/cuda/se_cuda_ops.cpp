@@ -26,33 +26,32 @@ constexpr int64_t kMaxSharedAccumulatorBytes = 32 * 1024;
 
 const bool registered = (register_cuda_build(SE_FUSED_CUDA_ARCH_LIST), true);
 
-// Self-resetting counters (ticket, per-sample counters, per-sample flags; zero between launches)
+// Self-resetting counters (ticket, per-sample counters, per-sample flags, batch counter; zero between launches)
 // of the current stream. Launches on one stream run in order, so they share one workspace.
 // While a CUDA graph is captured, a fresh workspace comes from the graph's private pool (zeroed
 // by a captured fill) and stays the graph's own: a cached one must never live in that pool.
 Tensor sync_workspace(const Tensor& x, int64_t n) {
   if (at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None) {
-    return at::zeros({1 + 2 * n}, x.options().dtype(at::kInt));
+    return at::zeros({2 + 2 * n}, x.options().dtype(at::kInt));
   }
   static std::mutex mutex;
   // Never destroyed: freeing CUDA memory from a static destructor can outlive the CUDA context.
   static auto* workspaces = new std::map<std::pair<int, cudaStream_t>, Tensor>();
   const std::lock_guard<std::mutex> lock(mutex);
   Tensor& ws = (*workspaces)[{x.get_device(), at::cuda::getCurrentCUDAStream().stream()}];
-  if (!ws.defined() || ws.numel() < 1 + 2 * n) {
-    // Zeroed once here; afterwards the kernels leave every counter at zero.
-    ws = at::zeros({1 + 2 * std::max<int64_t>(n, ws.defined() ? ws.numel() : 0)}, x.options().dtype(at::kInt));
+  if (!ws.defined() || ws.numel() < 2 + 2 * n) {
+    // Zeroed once here; afterwards the kernels leave every counter at zero (wherever n puts them).
+    ws = at::zeros({std::max<int64_t>(2 + 2 * n, ws.defined() ? 2 * ws.numel() : 0)}, x.options().dtype(at::kInt));
   }
   return ws;
 }
 
-CudaSchedule schedule(const Tensor& x, const Strides3& s) {
+CudaSchedule schedule(const Tensor& x, int64_t r, const Strides3& s, bool weight_grads) {
   const ForcedSchedule forced = forced_schedule();
-  return plan_cuda_schedule(x.size(0), x.size(1), x.size(2) * x.size(3), s.c == 1 && s.p != 1,
-                            static_cast<int>(x.element_size()),
-                            at::cuda::getCurrentDeviceProperties()->multiProcessorCount,
-                            at::cuda::getCurrentDeviceProperties()->l2CacheSize, forced.split,
-                            forced.group_size, forced.num_programs);
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  return plan_cuda_schedule(x.size(0), x.size(1), r, x.size(2) * x.size(3), s.c == 1 && s.p != 1,
+                            static_cast<int>(x.element_size()), props->multiProcessorCount, props->l2CacheSize,
+                            weight_grads, forced.split, forced.group_size, forced.num_programs);
 }
 
 // Before anything is allocated; the shape of fc1_weight itself is checked by the binding. The words
@@ -72,7 +71,7 @@ ForwardResult forward_cuda(const Tensor& x, const Tensor& fc1_weight, const c10:
   const c10::cuda::CUDAGuard guard(x.device());
   const ForwardCall call = forward_call(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate, residual, out_act);
   if (call.args.n == 0) return call.result();
-  const CudaSchedule plan = schedule(x, call.args.x_strides);
+  const CudaSchedule plan = schedule(x, call.args.r, call.args.x_strides, false);
   const Tensor sync = sync_workspace(x, call.args.n);
   const Tensor partial = at::empty({call.args.n * plan.num_segments * call.args.c}, call.z.options());
   const cudaError_t err = se_forward_cuda(call.args, plan, sync.data_ptr<int>(), partial.data_ptr(),
@@ -93,7 +92,7 @@ BackwardResult backward_cuda(const Tensor& grad_y, const Tensor& x, const Tensor
                                           has_fc2_bias, need_dx, need_weight_grads, y, residual, out_act,
                                           need_residual_grad);
   if (call.args.n == 0) return call.result();
-  const CudaSchedule plan = schedule(x, call.args.x_strides);
+  const CudaSchedule plan = schedule(x, call.args.r, call.args.x_strides, call.args.dw1 != nullptr);
   const Tensor sync = sync_workspace(x, call.args.n);
   const Tensor partial = at::empty({call.args.n * plan.num_segments * call.args.c}, call.de.options());
   const cudaError_t err = se_backward_cuda(call.args, plan, sync.data_ptr<int>(), partial.data_ptr(),
