@@ -77,8 +77,9 @@ def _weight_view(w, kind):
 @pytest.mark.parametrize("kind", ["transposed", "offset"])
 @pytest.mark.parametrize("c,r", [(24, 8), (12, 5)], ids=["packable", "odd"])
 def test_weights_of_any_strides_and_alignment(kind, c, r, any_backend_device):
-    """Weights read in place whatever their strides and alignment (the CUDA MLP reads rows, columns or
-    single elements accordingly): the same outputs and gradients as from contiguous weights."""
+    """Weights read in place whatever their strides and alignment (the ops take any strides; the C++
+    kernel copies them contiguous, the others index them): the same outputs and gradients as from
+    contiguous weights."""
     backend, device = any_backend_device
     x, w1, b1, w2, b2 = _op_args(device, c=c, r=r)
     ops = BACKEND_OPS[backend]
