@@ -824,12 +824,17 @@ void dot_rows(const A* in, int64_t M, int64_t K, const W* w, const W* bias, int6
   });
 }
 
-// out[m0 + t, j..j+count) = scale · Σ_c in[m0 + t, c] · w[c, j..j+count) for t < ROWS.
+// Rows of w one pass of axpy_rows keeps in L1, and the columns (elements) of w a task covers.
+constexpr int64_t kAxpyBlockRows = 8;
+constexpr int64_t kAxpyBlockCols = 256;
+
+// dst[t, j..j+count) (+)= Σ_{c < rows} in[t, c] · wj[c · J, +count) for t < ROWS (in's rows Cin
+// apart, dst's J apart); `first` stores instead of adding.
 template <int64_t ROWS, typename W, typename A>
-inline void axpy_tile(const A* __restrict in, int64_t Cin, const W* __restrict wj, int64_t J, int64_t count, A scale,
-                      A* __restrict out) {
+inline void axpy_block(const A* __restrict in, int64_t Cin, const W* __restrict wj, int64_t J, int64_t rows,
+                       int64_t count, bool first, A* __restrict dst) {
   TileAcc<ROWS, A> acc;
-  for (int64_t c = 0; c < Cin; ++c) {
+  for (int64_t c = 0; c < rows; ++c) {
     Vectorized<A> w0, w1;
     load(wj + c * J, w0, w1, count);
     SE_UNROLL
@@ -839,24 +844,56 @@ inline void axpy_tile(const A* __restrict in, int64_t Cin, const W* __restrict w
       acc.v1[t] = at::vec::fmadd(x, w1, acc.v1[t]);
     }
   }
-  const Vectorized<A> vs(scale);
   SE_UNROLL
-  for (int64_t t = 0; t < ROWS; ++t) store(out + t * J, acc.v0[t] * vs, acc.v1[t] * vs, count);
+  for (int64_t t = 0; t < ROWS; ++t) {
+    if (!first) {
+      Vectorized<A> d0, d1;
+      load(dst + t * J, d0, d1, count);
+      acc.v0[t] = acc.v0[t] + d0, acc.v1[t] = acc.v1[t] + d1;
+    }
+    store(dst + t * J, acc.v0[t], acc.v1[t], count);
+  }
 }
 
 // out[m, j] = scale · Σ_c in[m, c] · w[c, j]: a backward layer. in (M, Cin), w (Cin, J), out (M, J).
+// A task covers a range of w's rows and a block of its columns and walks them a few whole rows at a
+// time, so that every line of w is read once, in order (a task walking one 16-column strip down all
+// rows read a new line, often on a new page, at every step: ~0.45 ms of the backward at M = 8,
+// C = 2048, R = 128 instead of ~0.05). Row ranges sum into their own partial outputs, added in range
+// order; the cut depends on the shape alone, so the result does not depend on the thread count.
 template <typename W, typename A>
 void axpy_rows(const A* in, int64_t M, int64_t Cin, const W* w, int64_t J, A scale, A* out) {
   constexpr int64_t S = kStep<A>;
-  const int64_t chunks = (J + S - 1) / S, tiles = (M + kTileRows - 1) / kTileRows;
-  at::parallel_for(0, chunks * tiles, std::max<int64_t>(1, kGrain / (Cin * S * kTileRows)), [=](int64_t i0, int64_t i1) {
+  const int64_t width = std::min(J, kAxpyBlockCols), col_blocks = (J + width - 1) / width;
+  const int64_t most_ranges = (Cin + kAxpyBlockRows - 1) / kAxpyBlockRows;
+  const int64_t wanted = std::clamp<int64_t>((kTasks + col_blocks - 1) / col_blocks, 1, most_ranges);
+  const int64_t range_rows = ((Cin + wanted - 1) / wanted + kAxpyBlockRows - 1) / kAxpyBlockRows * kAxpyBlockRows;
+  const int64_t ranges = (Cin + range_rows - 1) / range_rows;
+  std::vector<A> partial(ranges * M * J);  // (range, m, j)
+  at::parallel_for(0, ranges * col_blocks, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t j = (i % chunks) * S, m0 = (i / chunks) * kTileRows, count = std::min(S, J - j);
-      if (m0 + kTileRows <= M) {
-        axpy_tile<kTileRows>(in + m0 * Cin, Cin, w + j, J, count, scale, out + m0 * J + j);
-      } else {
-        for (int64_t m = m0; m < M; ++m) axpy_tile<1>(in + m * Cin, Cin, w + j, J, count, scale, out + m * J + j);
+      const int64_t c0 = (i / col_blocks) * range_rows, c1 = std::min(Cin, c0 + range_rows);
+      const int64_t j0 = (i % col_blocks) * width, j1 = std::min(J, j0 + width);
+      A* dst = partial.data() + (i / col_blocks) * M * J;
+      for (int64_t cb = c0; cb < c1; cb += kAxpyBlockRows) {
+        const int64_t rows = std::min(kAxpyBlockRows, c1 - cb);
+        for (int64_t j = j0; j < j1; j += S) {
+          const int64_t count = std::min(S, j1 - j);
+          const W* wj = w + cb * J + j;
+          int64_t m = 0;
+          for (; m + kTileRows <= M; m += kTileRows) {
+            axpy_block<kTileRows>(in + m * Cin + cb, Cin, wj, J, rows, count, cb == c0, dst + m * J + j);
+          }
+          for (; m < M; ++m) axpy_block<1>(in + m * Cin + cb, Cin, wj, J, rows, count, cb == c0, dst + m * J + j);
+        }
       }
+    }
+  });
+  at::parallel_for(0, M * J, kGrain, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      A sum = partial[i];
+      for (int64_t r = 1; r < ranges; ++r) sum += partial[r * M * J + i];
+      out[i] = scale * sum;
     }
   });
 }
