@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <tuple>
+#include <vector>
 
 #include "se_params.h"
 
@@ -65,7 +66,11 @@ namespace cpu {
 const char* kernel_isa();
 }
 
+// The CUDA kernels' schedule for a problem, for CPU-side tests (se_fused.debug.cuda_schedule): the
+// plan's fields, then each ticket's work (cuda/se_cuda_ops.cpp says which, in what order).
+using CudaScheduleDescriber = std::vector<int64_t> (*)(const std::vector<int64_t>& problem);
+
 // Called once at load time by cuda/se_cuda_ops.cpp when the CUDA kernels are linked in.
-void register_cuda_build(const char* arch_list);
+void register_cuda_build(const char* arch_list, CudaScheduleDescriber describe);
 
 }  // namespace se_fused

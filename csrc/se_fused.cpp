@@ -32,6 +32,10 @@ bool& cuda_linked() {
   static bool linked = false;
   return linked;
 }
+CudaScheduleDescriber& cuda_schedule_describer() {
+  static CudaScheduleDescriber describe = nullptr;
+  return describe;
+}
 
 DType to_dtype(at::ScalarType t) {
   switch (t) {
@@ -190,9 +194,10 @@ ForcedSchedule forced_schedule() {
   return forced;
 }
 
-void register_cuda_build(const char* arch_list) {
+void register_cuda_build(const char* arch_list, CudaScheduleDescriber describe) {
   cuda_linked() = true;
   cuda_arch_list() = arch_list;
+  cuda_schedule_describer() = describe;
 }
 
 ForwardCall forward_call(const Tensor& x_in, const Tensor& fc1_weight, const c10::optional<Tensor>& fc1_bias,
@@ -376,12 +381,40 @@ PyObject* set_forced_schedule(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+PyObject* cuda_schedule(PyObject*, PyObject* args) {
+  const auto describe = se_fused::cuda_schedule_describer();
+  if (describe == nullptr) {
+    PyErr_SetString(PyExc_RuntimeError, "se_fused._C was built without the CUDA kernels");
+    return nullptr;
+  }
+  std::vector<int64_t> problem(12);
+  if (!PyArg_ParseTuple(args, "LLLLLLLLLLLL", &problem[0], &problem[1], &problem[2], &problem[3], &problem[4],
+                        &problem[5], &problem[6], &problem[7], &problem[8], &problem[9], &problem[10], &problem[11])) {
+    return nullptr;
+  }
+  const std::vector<int64_t> values = describe(problem);
+  PyObject* out = PyList_New(static_cast<Py_ssize_t>(values.size()));
+  if (out == nullptr) return nullptr;
+  for (size_t i = 0; i < values.size(); ++i) {
+    PyObject* v = PyLong_FromLongLong(values[i]);
+    if (v == nullptr) {
+      Py_DECREF(out);
+      return nullptr;
+    }
+    PyList_SET_ITEM(out, static_cast<Py_ssize_t>(i), v);
+  }
+  return out;
+}
+
 PyObject* cpu_kernel_isa(PyObject*, PyObject*) { return PyUnicode_FromString(se_fused::cpu::kernel_isa()); }
 
 PyMethodDef methods[] = {
     {"cpu_kernel_isa", cpu_kernel_isa, METH_NOARGS,
      "The instruction set the C++ CPU kernel runs with here: DEFAULT, AVX2 or AVX512 (ATen's choice)."},
     {"set_poison_outputs", set_poison_outputs, METH_O, "NaN-fill every output buffer before the kernels write it."},
+    {"cuda_schedule", cuda_schedule, METH_VARARGS,
+     "cuda_schedule(n, c, r, p, channels_inner, element_size, num_sms, l2_bytes, weight_grads, split, group_size, "
+     "num_blocks): the CUDA kernels' plan and tickets, flat (se_fused.debug.cuda_schedule reads it)."},
     {"set_forced_schedule", set_forced_schedule, METH_VARARGS,
      "set_forced_schedule(split, group_size, num_programs): -1 / 0 leave the CUDA schedule heuristics in charge."},
     {nullptr, nullptr, 0, nullptr}};

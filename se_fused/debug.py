@@ -120,6 +120,33 @@ def _apply_native_schedule() -> None:
                                    _forced.get("num_programs", 0))
 
 
+CUDA_PLAN_FIELDS = ("split", "block_c", "item_c", "seg_len", "num_segments", "items_per_sample", "group_size",
+                   "num_groups", "fc1_tiles", "fc2_tiles", "wgrad_tiles", "num_tickets", "num_blocks")
+CUDA_WORK_FIELDS = ("phase", "group", "index", "n0", "n1", "reduced", "excited", "n", "seg", "c0", "c1", "p0", "p1")
+CUDA_PHASES = ("reduce", "fc1", "fc2", "rescale", "weight_grads")
+
+
+def cuda_schedule(n: int, c: int, r: int, p: int, *, channels_last: bool = False, element_size: int = 2,
+                  num_sms: int = 132, l2_bytes: int = 60 * 2**20, weight_grads: bool = False,
+                  split: bool | None = None, group_size: int = 0, num_blocks: int = 0) -> tuple[dict, list[dict]]:
+    """The CUDA kernels' schedule of an (N, C, R, P) problem, computed on the CPU by the kernels' own
+    planner and ticket decoder (csrc/cuda/se_cuda.cu): the plan, and what each ticket stands for
+    (``phase`` one of CUDA_PHASES). The GPU's SM count and L2 size are arguments, so that any GPU's
+    schedule can be checked without one; ``split``, ``group_size`` and ``num_blocks`` force the
+    heuristics' choices, as ``force_schedule`` does for a launch."""
+    if native is None or not native.with_cuda:
+        raise RuntimeError("se_fused.debug.cuda_schedule needs se_fused._C built with the CUDA kernels")
+    flat = native.cuda_schedule(n, c, r, p, int(channels_last), element_size, num_sms, l2_bytes, int(weight_grads),
+                                -1 if split is None else int(split), group_size, num_blocks)
+    k = len(CUDA_PLAN_FIELDS)
+    plan = dict(zip(CUDA_PLAN_FIELDS, flat[:k]))
+    width = len(CUDA_WORK_FIELDS)
+    tickets = [dict(zip(CUDA_WORK_FIELDS, flat[i:i + width])) for i in range(k, len(flat), width)]
+    for t in tickets:
+        t["phase"] = CUDA_PHASES[t["phase"]]
+    return plan, tickets
+
+
 def randomize_batch_norms(model: torch.nn.Module, seed: int = 1, calibrate_with: torch.Tensor | None = None) -> None:
     """Give every BatchNorm of `model` random but tame affine weights and running statistics.
 

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from . import torch_backend
 from .debug import record_launch
-from .spec import check_backward_tail, check_hidden_width, check_inputs, compute_dtype, flattenable
+from .spec import check_backward_tail, check_inputs, compute_dtype, flattenable
 
 from .extension import LOAD_ERROR as EXTENSION_ERROR
 from .extension import native as _C  # its import registered the compiled ops (TORCH_LIBRARY in csrc/)
@@ -110,7 +110,6 @@ def _define(name: str, forward, backward, device_types) -> "BackendOps":
                    fc2_bias: Optional[Tensor], act: str, gate: str, residual: Optional[Tensor] = None,
                    out_act: str = "none") -> tuple[Tensor, Tensor, Tensor, Tensor]:
         check_inputs(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate, residual, out_act)
-        check_hidden_width(name, fc1_weight.shape[0], x)
         r, c = fc1_weight.shape[:2]
         with _device_of(x):
             return forward(flattenable(x), fc1_weight.reshape(r, c), fc1_bias, fc2_weight.reshape(c, r), fc2_bias,
@@ -124,7 +123,6 @@ def _define(name: str, forward, backward, device_types) -> "BackendOps":
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         check_inputs(x, fc1_weight, None, fc2_weight, None, act, gate)
         check_backward_tail(grad_y, x, y, residual, out_act)
-        check_hidden_width(name, fc1_weight.shape[0], x)
         r, c = fc1_weight.shape[:2]
         with _device_of(x):
             dx, dw1, db1, dw2, db2, d_residual = backward(

@@ -16,12 +16,6 @@ OUT_ACTIVATIONS = ("none", "relu", "silu")  # of the fused residual tail, y = ou
 BACKENDS = ("auto", "cuda", "cpp", "triton", "torch")
 INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# Largest hidden width R each kernel family takes (the compute dtype's bytes in brackets):
-# the CUDA kernels keep R accumulators in 32 KiB of shared memory. The Triton kernels tile R, and
-# the C++ and PyTorch backends have no limit beyond memory.
-MAX_HIDDEN = {"cuda": {4: 8192, 8: 4096}}
-
-
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
@@ -116,17 +110,6 @@ def check_like_x(name: str, t, x) -> None:
         raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
     if t.device != x.device:
         raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-
-
-def check_hidden_width(backend: str, r: int, x: torch.Tensor) -> None:
-    """A clear error for R beyond what `backend`'s kernels hold."""
-    limits = MAX_HIDDEN.get(backend)
-    if limits is None:
-        return
-    limit = limits[8 if x.dtype == torch.float64 else 4]
-    if r > limit:
-        raise ValueError(f"backend={backend!r} supports at most {limit} hidden units (R) for {x.dtype} input, got "
-                         f"fc1_weight with {r} outputs; use backend='cpp' (CPU) or 'torch'")
 
 
 def check_backward_tail(grad_y, x, y, residual, out_act: str) -> None:

@@ -103,7 +103,7 @@ def test_forced_triton_schedules(schedule, channels_last, device):
 if ("cuda", "cuda") in BACKEND_DEVICES:  # defined only where it can run: a GPU and the CUDA extension
 
     CUDA_SCHEDULES = [dict(split=False), dict(split=True), dict(split=True, group_size=1, num_programs=1),
-                      dict(split=True, group_size=2, num_programs=5)]
+                      dict(split=True, group_size=2, num_programs=5), dict(split=False, group_size=17, num_programs=3)]
 
     @pytest.mark.parametrize("channels_last", LAYOUTS)
     @pytest.mark.parametrize("schedule", CUDA_SCHEDULES, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
@@ -117,6 +117,20 @@ if ("cuda", "cuda") in BACKEND_DEVICES:  # defined only where it can run: a GPU 
                 for case in (Case(300, 48, 7, 7, 12), Case(3, 256, 56, 56, 16)):
                     check_against_reference(case, "cuda", torch.device("cuda"), torch.bfloat16,
                                             channels_last=channels_last, out_act=out_act, residual=True)
+
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+    @pytest.mark.parametrize("channels_last", LAYOUTS)
+    def test_cuda_mlp_tiles(dtype, channels_last):
+        # 40 samples in one group: MLP tiles over 3 chunks of 16 samples (the last short), 2 fc1 tiles
+        # over R = 36 and 3 fc2 tiles over C = 72 (32 outputs each), K steps of 8 with remainders;
+        # every dtype's weight loads (16-byte rows of 8, 4 or 2 elements).
+        with force_schedule(group_size=40):
+            check_against_reference(Case(40, 72, 3, 3, 36, "silu"), "cuda", torch.device("cuda"), dtype,
+                                    channels_last=channels_last)
+            if dtype == torch.bfloat16:  # float32 weights with bfloat16 x, as under autocast
+                check_against_reference(Case(40, 72, 3, 3, 36, "silu"), "cuda", torch.device("cuda"), dtype,
+                                        channels_last=channels_last, param_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

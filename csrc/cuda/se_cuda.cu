@@ -18,7 +18,7 @@ constexpr int kBlockChannelsRows = 32;   // NCHW: channels per item (4 per warp)
 constexpr int kBlockChannelsInner = 64;  // channels_last: channels per item
 constexpr int64_t kItemElements = 16384;  // per split item: amortises its atomics and partial-sum store
 constexpr int64_t kSampleBytesPerBlock = 128 * 1024;  // largest sample one block handles alone
-constexpr int kBlocksPerSm = 4;
+constexpr int kBlocksPerSm = 2;  // the kernels' __launch_bounds__: at most 128 registers
 constexpr int kWeightGradTile = 32;  // channels and hidden units of a weight-gradient tile
 
 template <typename T>
@@ -78,6 +78,8 @@ __device__ __forceinline__ void store_pack(T* p, const A (&in)[V]) {
   for (int i = 0; i < V; ++i) from_acc(in[i], pk.v[i]);
   *reinterpret_cast<Pack<T, V>*>(p) = pk;
 }
+
+__host__ __device__ inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 template <typename A>
 __device__ __forceinline__ A warp_sum(A v) {
@@ -365,100 +367,198 @@ struct ScaleBackward {
   }
 };
 
-// Sample n's MLP: z = Σ partials / P, a = W1 z + b1, e = W2 act(a) + b2. `h` is R shared accumulators.
-template <typename PT, typename A>
-__device__ void excite_forward(const ForwardArgs& args, int64_t n, const A* partial, int num_segments, A* h) {
-  const int64_t C = args.c, R = args.r;
-  const PT* w1 = static_cast<const PT*>(args.w1);
-  const PT* w2 = static_cast<const PT*>(args.w2);
-  const PT* b1 = static_cast<const PT*>(args.b1);
-  const PT* b2 = static_cast<const PT*>(args.b2);
-  A* z = static_cast<A*>(args.z) + n * C;
-  A* a = static_cast<A*>(args.a) + n * R;
-  A* e = static_cast<A*>(args.e) + n * C;
-  for (int64_t c = threadIdx.x; c < C; c += kThreads) {
-    A sum = 0;
-    for (int seg = 0; seg < num_segments; ++seg) sum += __ldcg(partial + (n * num_segments + seg) * C + c);
-    z[c] = sum / static_cast<A>(args.p);
-  }
-  __syncthreads();
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int64_t r = warp; r < R; r += kWarps) {
-    A acc = 0;
-    for (int64_t c = lane; c < C; c += 32) acc += to_acc(w1[r * args.w1_stride_r + c * args.w1_stride_c]) * z[c];
-    acc = warp_sum(acc);
-    if (lane == 0) {
-      if (b1) acc += to_acc(b1[r]);
-      a[r] = acc;
-      h[r] = activation(acc, args.act);
-    }
-  }
-  __syncthreads();
-  for (int64_t c = warp; c < C; c += kWarps) {
-    A acc = 0;
-    for (int64_t r = lane; r < R; r += 32) acc += to_acc(w2[c * args.w2_stride_c + r * args.w2_stride_r]) * h[r];
-    acc = warp_sum(acc);
-    if (lane == 0) e[c] = acc + (b2 ? to_acc(b2[c]) : A(0));
-  }
-}
+// ----------------------------------------------------------------------------- MLP tiles
+// A tile is out[m][j] = Σ_k L(m, k) B(k, j) for kMlpSamples samples m and kMlpOutputs outputs j:
+// the weights B are read once per tile, 16 bytes a load, instead of once per sample. Each warp
+// takes every kWarps-th step of kMlpK k values (split K; operands staged in shared memory, 4x4
+// outputs a lane), and the warps' partial tiles are added in warp order: deterministic, and a
+// sample's result does not depend on the group it is in.
 
-// Sample n's MLP backward from ds = Σ partials: de, da (R shared accumulators `da_s`), dz / P.
-template <typename PT, typename A>
-__device__ void excite_backward(const BackwardArgs& args, int64_t n, const A* partial, int num_segments, A* da_s) {
-  const int64_t C = args.c, R = args.r;
-  const PT* w1 = static_cast<const PT*>(args.w1);
-  const PT* w2 = static_cast<const PT*>(args.w2);
-  const A* a = static_cast<const A*>(args.a) + n * R;
-  const A* e = static_cast<const A*>(args.e) + n * C;
-  A* de = static_cast<A*>(args.de) + n * C;
-  A* da = static_cast<A*>(args.da) + n * R;
-  A* dzp = static_cast<A*>(args.dzp) + n * C;
-  for (int64_t c = threadIdx.x; c < C; c += kThreads) {
-    A ds = 0;
-    for (int seg = 0; seg < num_segments; ++seg) ds += __ldcg(partial + (n * num_segments + seg) * C + c);
-    de[c] = gate_backward(ds, e[c], args.gate);
-  }
-  __syncthreads();
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int64_t r = warp; r < R; r += kWarps) {
-    A dh = 0;
-    for (int64_t c = lane; c < C; c += 32) dh += to_acc(w2[c * args.w2_stride_c + r * args.w2_stride_r]) * de[c];
-    dh = warp_sum(dh);
-    if (lane == 0) {
-      const A v = activation_backward(dh, a[r], args.act);
-      da[r] = v;
-      da_s[r] = v;
-    }
-  }
-  __syncthreads();
-  for (int64_t c = threadIdx.x; c < C; c += kThreads) {
-    A dz = 0;
-    for (int64_t r = 0; r < R; ++r) dz += to_acc(w1[r * args.w1_stride_r + c * args.w1_stride_c]) * da_s[r];
-    dzp[c] = dz / static_cast<A>(args.p);
-  }
-}
-
-struct Item {
-  bool is_reduce;
-  int64_t n, c0, c1, p0, p1;
-  int seg;
+// The four products of the MLP, named by their left operand L.
+enum class Lhs {
+  kPooled,      // forward fc1: L = z = Σ partial sums / P (stored), B = W1ᵀ, out a = · + b1
+  kHidden,      // forward fc2: L = act(a), B = W2ᵀ, out e = · + b2
+  kGateGrad,    // backward fc1: L = de = gate'(e) · Σ partial sums (stored), B = W2, out da = act'(a) ·
+  kHiddenGrad,  // backward fc2: L = da, B = W1, out dz/P = · / P
 };
 
-// Ticket -> item, in the order documented in se_cuda.h.
-__device__ Item decode_ticket(int ticket, const CudaSchedule& s, int64_t C, int64_t P) {
-  const int group_items = s.group_size * s.items_per_sample;
-  const int half = ticket / group_items, j = ticket % group_items;
-  Item it;
-  it.is_reduce = half == 0 || (half % 2 == 1 && (half + 1) / 2 < s.num_groups);
-  const int group = it.is_reduce ? (half + 1) / 2 : (half - 1) / 2;
-  it.n = static_cast<int64_t>(group) * s.group_size + j / s.items_per_sample;
-  const int item = j % s.items_per_sample;
-  it.seg = item % s.num_segments;
-  it.c0 = static_cast<int64_t>(item / s.num_segments) * s.block_c;
-  it.c1 = min(C, it.c0 + s.block_c);
-  it.p0 = it.seg * s.seg_len;
-  it.p1 = min(P, it.p0 + s.seg_len);
-  return it;
+// One product's operands, passed by value to the (not inlined) tile function.
+template <typename A, typename PT>
+struct MlpProduct {
+  const A* partial;   // kPooled, kGateGrad: the partial sums, row (n · num_segments + seg) of K
+  int num_segments;
+  const A* lhs;       // kHidden: a; kGateGrad: e; kHiddenGrad: da (rows of K)
+  A* lhs_out;         // kPooled: z; kGateGrad: de (written by the tiles of output block 0)
+  const PT* w;        // B(k, j) = w[k · w_k + j · w_j]
+  int64_t w_k, w_j;
+  int64_t k, j;       // K, J
+  const PT* bias;     // kPooled: b1, kHidden: b2 (may be null)
+  const A* a;         // kGateGrad: a, for act'
+  A* out;             // rows of J
+  int64_t p;          // positions
+  Act act;
+  Gate gate;
+};
+
+constexpr int kMlpK = 8;  // k values per step of a warp: 4 of L and a row of 8 weights a lane
+constexpr int kMlpStage = kMlpK * (kMlpSamples + kMlpOutputs);  // values a warp stages per step
+constexpr int kMlpTileValues = kMlpSamples * kMlpOutputs;
+static_assert(kMlpSamples * kMlpK == 4 * 32 && kMlpOutputs == 32, "a lane stages 4 values of L and 8 of W");
+
+// Shared memory of an MLP tile, in bytes (the kernels' dynamic shared memory): the warps' staging
+// areas, then the same bytes for their partial tiles.
+template <typename A>
+constexpr size_t mlp_smem_bytes() {
+  return kWarps * std::max(kMlpStage, kMlpTileValues) * sizeof(A);
+}
+
+// L(m, k) of sample m; `store`: write it back (z, de) too.
+template <Lhs KIND, typename A, typename PT>
+__device__ __forceinline__ A lhs_value(const MlpProduct<A, PT>& q, int64_t m, int64_t k, bool store) {
+  if constexpr (KIND == Lhs::kPooled || KIND == Lhs::kGateGrad) {
+    A sum = 0;
+    for (int seg = 0; seg < q.num_segments; ++seg) sum += __ldcg(q.partial + (m * q.num_segments + seg) * q.k + k);
+    A v;
+    if constexpr (KIND == Lhs::kPooled) v = sum / static_cast<A>(q.p);
+    else v = gate_backward(sum, q.lhs[m * q.k + k], q.gate);
+    if (store) q.lhs_out[m * q.k + k] = v;
+    return v;
+  } else if constexpr (KIND == Lhs::kHidden) {
+    return activation(__ldcg(q.lhs + m * q.k + k), q.act);  // a: written by this launch's fc1 tiles
+  } else {
+    return __ldcg(q.lhs + m * q.k + k);  // da: written by this launch's fc1 tiles
+  }
+}
+
+// Elements of a row of 8 that lie before its end, `remaining` elements away.
+__device__ __forceinline__ int row_length(int64_t remaining) {
+  return remaining <= 0 ? 0 : remaining >= 8 ? 8 : static_cast<int>(remaining);
+}
+
+// count (<= 8) consecutive elements along a weight's row, 0 past count: 16-byte loads when `vec`
+// (unit stride, 16-byte aligned) and the row is whole.
+template <typename PT, typename A>
+__device__ __forceinline__ void load_weights8(const PT* p, int64_t stride, int count, bool vec, A* out) {
+  constexpr int VP = 16 / sizeof(PT);
+  if (vec && count == 8) {
+#pragma unroll
+    for (int i = 0; i < 8; i += VP) {
+      A t[VP];
+      load_pack<PT, VP>(p + i, t);
+#pragma unroll
+      for (int u = 0; u < VP; ++u) out[i + u] = t[u];
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) out[i] = i < count ? to_acc(p[i * stride]) : A(0);
+  }
+}
+
+// Four values from shared memory (16-byte aligned) as 16-byte loads.
+template <typename A>
+__device__ __forceinline__ void load_shared4(const A* p, A (&out)[4]) {
+  constexpr int V = 16 / sizeof(A);
+#pragma unroll
+  for (int i = 0; i < 4; i += V) {
+    const Pack<A, V> pk = *reinterpret_cast<const Pack<A, V>*>(p + i);
+#pragma unroll
+    for (int u = 0; u < V; ++u) out[i + u] = pk.v[u];
+  }
+}
+
+// Not inlined: the tile code is compiled once per product and type pair, not into each of the
+// kernels' streaming variants (compile time), and its registers stay within the kernels' bound.
+// A warp's step: its loads, then its FMAs; the latency is hidden by the other warps and blocks
+// (a register prefetch of the next step spilled under the 128-register bound).
+template <Lhs KIND, typename A, typename PT>
+__device__ __noinline__ void mlp_tile(const MlpProduct<A, PT> q, int64_t m0, int64_t m1, int64_t j0, A* smem) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  A* lhs_s = smem + warp * kMlpStage;       // [kMlpK][kMlpSamples]
+  A* rhs_s = lhs_s + kMlpK * kMlpSamples;   // [kMlpK][kMlpOutputs]
+  const bool store_lhs = q.lhs_out != nullptr && j0 == 0;
+  // W's rows of 8 run along k (w_k == 1) or along j (w_j == 1, or neither: element by element).
+  const bool along_k = q.w_k == 1;
+  constexpr int VP = 16 / sizeof(PT);
+  const bool vec = (along_k ? q.w_j % VP == 0 : q.w_j == 1 && q.w_k % VP == 0) && aligned16(q.w);
+  // Staged by this lane: L at sample lm, k values lk, +4; W's row of 8 along k (output j0 + lane)
+  // or along j (k value lane / 4, outputs 8 (lane % 4), +8).
+  const int lm = lane / 2, lk = (lane % 2) * 4;
+  const int64_t m = m0 + lm;
+  // Computed by this lane: samples 4 mg, +4 and outputs 4 jg, +4.
+  const int mg = lane / 8, jg = lane % 8;
+  A acc[4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int u = 0; u < 4; ++u) acc[i][u] = 0;
+  const int64_t steps = (q.k + kMlpK - 1) / kMlpK;
+  for (int64_t step = warp; step < steps; step += kWarps) {
+    const int64_t k0 = step * kMlpK;
+    A lv[4], rv[8];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t k = k0 + lk + i;
+      lv[i] = m < m1 && k < q.k ? lhs_value<KIND>(q, m, k, store_lhs) : A(0);
+    }
+    if (along_k) {
+      const int64_t j = j0 + lane;
+      load_weights8(q.w + j * q.w_j + k0 * q.w_k, q.w_k, j < q.j ? row_length(q.k - k0) : 0, vec, rv);
+    } else {
+      const int64_t k = k0 + lane / 4, j = j0 + 8 * (lane % 4);
+      load_weights8(q.w + k * q.w_k + j * q.w_j, q.w_j, k < q.k ? row_length(q.j - j) : 0, vec, rv);
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) lhs_s[(lk + i) * kMlpSamples + lm] = lv[i];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      if (along_k) rhs_s[i * kMlpOutputs + lane] = rv[i];
+      else rhs_s[(lane / 4) * kMlpOutputs + 8 * (lane % 4) + i] = rv[i];
+    }
+    __syncwarp();
+#pragma unroll
+    for (int k = 0; k < kMlpK; ++k) {
+      A l[4], r[4];
+      load_shared4(lhs_s + k * kMlpSamples + 4 * mg, l);
+      load_shared4(rhs_s + k * kMlpOutputs + 4 * jg, r);
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int u = 0; u < 4; ++u) acc[i][u] += l[i] * r[u];
+    }
+    __syncwarp();  // the next step's staging overwrites what this one read
+  }
+  __syncthreads();  // every warp is done with its staging area, which the partial tiles reuse
+  A* partial_tiles = smem;  // [kWarps][kMlpSamples][kMlpOutputs]
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int u = 0; u < 4; ++u) partial_tiles[(warp * kMlpSamples + 4 * mg + i) * kMlpOutputs + 4 * jg + u] = acc[i][u];
+  __syncthreads();
+  for (int o = threadIdx.x; o < kMlpTileValues; o += kThreads) {
+    const int64_t mo = m0 + o / kMlpOutputs, j = j0 + o % kMlpOutputs;
+    if (mo >= m1 || j >= q.j) continue;
+    A v = 0;
+    for (int w = 0; w < kWarps; ++w) v += partial_tiles[w * kMlpTileValues + o];
+    if constexpr (KIND == Lhs::kPooled || KIND == Lhs::kHidden) {
+      if (q.bias) v += to_acc(q.bias[j]);
+    } else if constexpr (KIND == Lhs::kGateGrad) {
+      v = activation_backward(v, q.a[mo * q.j + j], q.act);
+    } else {
+      v = v / static_cast<A>(q.p);
+    }
+    q.out[mo * q.j + j] = v;
+  }
+  __syncthreads();  // the next tile's staging reuses the shared memory
+}
+
+// MLP tile `tile` of a product with J outputs over the group's samples [n0, n1): sample chunk
+// tile / ⌈J / kMlpOutputs⌉, output block tile mod ⌈J / kMlpOutputs⌉.
+template <Lhs KIND, typename A, typename PT>
+__device__ __forceinline__ void run_mlp_tile(const MlpProduct<A, PT>& q, int tile, int64_t n0, int64_t n1, A* smem) {
+  const int j_tiles = static_cast<int>((q.j + kMlpOutputs - 1) / kMlpOutputs);
+  const int64_t m0 = n0 + static_cast<int64_t>(tile / j_tiles) * kMlpSamples;
+  if (m0 >= n1) return;  // a short last group's chunk beyond it
+  mlp_tile<KIND>(q, m0, min(n1, m0 + kMlpSamples), static_cast<int64_t>(tile % j_tiles) * kMlpOutputs, smem);
 }
 
 // Block-wide: thread 0 draws a ticket, everyone gets it.
@@ -470,137 +570,117 @@ __device__ int draw_ticket(int* ticket) {
   return drawn;
 }
 
-// After a reduce item's partial sums are stored: true (block-wide) for the sample's last item.
-__device__ bool arrive_reduced(int* counter, int items_per_sample) {
-  __shared__ int last;
-  __threadfence();  // this thread's partial sums are visible device-wide before the count
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(counter, 1) == items_per_sample - 1;
-  __syncthreads();
-  if (last) __threadfence();
-  return last;
-}
-
-// After a sample's MLP: its results are visible device-wide, then its flag is raised (split
-// regime) and, when the launch sums weight gradients, the batch counter counts it.
-__device__ void publish(int* flag, int* batch) {
+// After a piece of work whose results later tickets read: they are visible device-wide, then the
+// counter counts it.
+__device__ void arrive(int* counter) {
   __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) {
-    if (flag) atomicExch(flag, 1);
-    if (batch) atomicAdd(batch, 1);
-  }
+  if (threadIdx.x == 0) atomicAdd(counter, 1);
 }
 
-__device__ void wait_published(int* flag) {
+// After a piece of work nothing in this launch reads (a rescale item, a weight-gradient tile): the
+// counter counts it, and its last user (the count reaching `total`) zeroes it for the next launch.
+__device__ void arrive_last(int* counter, int total) {
+  __syncthreads();
+  if (threadIdx.x == 0 && atomicAdd(counter, 1) == total - 1) atomicExch(counter, 0);
+}
+
+// Before work that reads what others counted: the counter has reached `target`, and what they
+// wrote is visible.
+__device__ void wait_count(int* counter, int target) {
   if (threadIdx.x == 0) {
-    while (atomicAdd(flag, 0) == 0) __nanosleep(64);
+    while (atomicAdd(counter, 0) < target) __nanosleep(64);
     __threadfence();
   }
   __syncthreads();
-}
-
-// After a rescale item: the sample's last one zeroes its counter and flag for the next launch.
-__device__ void release_rescaled(int* counter, int* flag, int items_per_sample) {
-  __syncthreads();
-  if (threadIdx.x == 0 && atomicAdd(counter, 1) == 2 * items_per_sample - 1) {
-    atomicExch(counter, 0);
-    atomicExch(flag, 0);
-  }
-}
-
-// Before a weight-gradient tile: every sample's MLP is done (the batch counter reached n) and visible.
-__device__ void wait_batch(int* batch, int64_t n) {
-  if (threadIdx.x == 0) {
-    while (atomicAdd(batch, 0) < n) __nanosleep(64);
-    __threadfence();
-  }
-  __syncthreads();
-}
-
-// After a weight-gradient tile: the last of them zeroes the batch counter for the next launch.
-__device__ void release_batch(int* batch, int64_t n, int wgrad_tiles) {
-  __syncthreads();
-  if (threadIdx.x == 0 && atomicAdd(batch, 1) == n + wgrad_tiles - 1) atomicExch(batch, 0);
 }
 
 __device__ void retire(int* ticket, int last_ticket, int num_tickets) {
   if (threadIdx.x == 0 && last_ticket == num_tickets + static_cast<int>(gridDim.x) - 1) atomicExch(ticket, 0);
 }
 
-// Runs the schedule of se_cuda.h; `ops` supplies the steps for one sample n, and the backward's
-// weight-gradient tiles:
+// Runs the schedule of se_cuda.h; `ops` supplies the work:
 //   ops.reduce(n, c0, c1, p0, p1, out)   per-channel sums of channels [c0, c1) into out[c]
-//   ops.excite(n, num_segments)          the sample's MLP, from its partial sums
+//   ops.fc1(tile, n0, n1), ops.fc2(...)  MLP tiles over the group's samples [n0, n1)
 //   ops.rescale(n, c0, c1, p0, p1)       the elementwise output of that item
 //   ops.weight_grads(tile)               one tile of the weight gradients, summed over the batch
 //                                        (backward: Ops::kWeightGrads)
-// Tickets come from one counter in both regimes; the weight-gradient tiles are the last of them
-// and wait for every sample's MLP (the batch counter), held by blocks that drew smaller tickets.
+// sync: the ticket counter, the batch counter, one counter per group.
 template <typename Ops, typename A>
 __device__ void run_schedule(const CudaSchedule& s, int64_t N, int64_t C, int64_t P, int* sync, A* partial,
                              Ops& ops) {
   int* ticket_counter = sync;
-  int* counters = sync + 1;
-  int* flags = sync + 1 + N;
-  int* batch = s.wgrad_tiles ? sync + 1 + 2 * N : nullptr;
-  const int samples_end = s.num_tickets - s.wgrad_tiles;  // tickets from it on are weight-gradient tiles
-  const auto whole_sample = [&](int64_t n) {  // split = false: reduce, MLP, rescale in this block
-    for (int64_t c0 = 0; c0 < C; c0 += s.block_c) ops.reduce(n, c0, min(C, c0 + s.block_c), 0, P, partial + n * C);
-    __syncthreads();
-    ops.excite(n, 1);
-    publish(nullptr, batch);
-    for (int64_t c0 = 0; c0 < C; c0 += s.block_c) ops.rescale(n, c0, min(C, c0 + s.block_c), 0, P);
-  };
-  if constexpr (!Ops::kWeightGrads) {
-    if (!s.split) return whole_sample(blockIdx.x);  // a block a sample, nothing after them
-  }
+  int* batch = sync + 1;
+  int* group_counters = sync + 2;
+  const int mlps_done = s.num_groups * s.fc2_tiles;  // the batch counter once every group's MLP is done
   int ticket;
-  if (!s.split) {  // a ticket a sample, so that the weight-gradient tickets can follow them
-    while ((ticket = draw_ticket(ticket_counter)) < samples_end) whole_sample(ticket);
-  } else {
-    while ((ticket = draw_ticket(ticket_counter)) < samples_end) {
-      const Item it = decode_ticket(ticket, s, C, P);
-      if (it.n >= N) continue;
-      if (it.is_reduce) {
-        ops.reduce(it.n, it.c0, it.c1, it.p0, it.p1, partial + (it.n * s.num_segments + it.seg) * C);
-        if (arrive_reduced(counters + it.n, s.items_per_sample)) {
-          ops.excite(it.n, s.num_segments);
-          publish(flags + it.n, batch);
+  while ((ticket = draw_ticket(ticket_counter)) < s.num_tickets) {
+    const Work w = locate_work(ticket, s, N, C, P);
+    int* counter = group_counters + w.group;
+    switch (w.phase) {
+      case Phase::kReduce:
+        if (w.n >= N) break;  // a short last group
+        for (int64_t c0 = w.c0; c0 < w.c1; c0 += s.block_c) {
+          ops.reduce(w.n, c0, min(w.c1, c0 + s.block_c), w.p0, w.p1, partial + (w.n * s.num_segments + w.seg) * C);
         }
-      } else {
-        wait_published(flags + it.n);
-        ops.rescale(it.n, it.c0, it.c1, it.p0, it.p1);
-        release_rescaled(counters + it.n, flags + it.n, s.items_per_sample);
-      }
-    }
-  }
-  if constexpr (Ops::kWeightGrads) {  // past the samples' tickets, in a loop of its own
-    for (; ticket < s.num_tickets; ticket = draw_ticket(ticket_counter)) {
-      wait_batch(batch, N);
-      ops.weight_grads(ticket - samples_end);
-      release_batch(batch, N, s.wgrad_tiles);
+        arrive(counter);
+        break;
+      case Phase::kFc1:
+        wait_count(counter, w.reduced);
+        ops.fc1(w.index, w.n0, w.n1);
+        arrive(counter);
+        break;
+      case Phase::kFc2:
+        wait_count(counter, w.reduced + s.fc1_tiles);
+        ops.fc2(w.index, w.n0, w.n1);
+        arrive(counter);
+        if (s.wgrad_tiles) arrive(batch);
+        break;
+      case Phase::kRescale:
+        if (w.n >= N) break;
+        wait_count(counter, w.excited);
+        for (int64_t c0 = w.c0; c0 < w.c1; c0 += s.block_c) ops.rescale(w.n, c0, min(w.c1, c0 + s.block_c), w.p0, w.p1);
+        arrive_last(counter, w.excited + w.reduced);
+        break;
+      case Phase::kWeightGrads:
+        if constexpr (Ops::kWeightGrads) {
+          wait_count(batch, mlps_done);
+          ops.weight_grads(w.index);
+          arrive_last(batch, mlps_done + s.wgrad_tiles);
+        }
+        break;
     }
   }
   retire(ticket_counter, ticket, s.num_tickets);
 }
 
-// Forward: reduce x, excite (z, a, e), rescale y = x * gate(e), or out_act(x * gate(e) + residual)
-// with the residual tail (TAIL).
+// Forward: reduce x, the MLP tiles (z, a, e), rescale y = x * gate(e), or out_act(x * gate(e) +
+// residual) with the residual tail (TAIL).
 template <typename T, typename PT, int V, bool CH_INNER, bool TAIL>
 struct ForwardOps {
   using A = acc_t<T>;
   static constexpr bool kWeightGrads = false;  // the forward plans no weight-gradient tiles
   const ForwardArgs& args;
   const A* partial;
-  A* h;  // R shared accumulators
+  int num_segments;
+  A* smem;  // the MLP tiles' shared memory
 
   __device__ SampleView<const T> x(int64_t n) const { return sample_view<const T>(args.x, args.x_strides, n); }
   __device__ void reduce(int64_t n, int64_t c0, int64_t c1, int64_t p0, int64_t p1, A* out) const {
     reduce_item<A, V, CH_INNER>(SumOfX<T, A, V>{x(n)}, c0, c1, p0, p1, out);
   }
-  __device__ void excite(int64_t n, int num_segments) const {
-    excite_forward<PT>(args, n, partial, num_segments, h);
+  __device__ void fc1(int tile, int64_t n0, int64_t n1) const {
+    const MlpProduct<A, PT> q{partial, num_segments, nullptr, static_cast<A*>(args.z),
+                              static_cast<const PT*>(args.w1), args.w1_stride_c, args.w1_stride_r, args.c, args.r,
+                              static_cast<const PT*>(args.b1), nullptr, static_cast<A*>(args.a), args.p,
+                              args.act, args.gate};
+    run_mlp_tile<Lhs::kPooled>(q, tile, n0, n1, smem);
+  }
+  __device__ void fc2(int tile, int64_t n0, int64_t n1) const {
+    const MlpProduct<A, PT> q{nullptr, 0, static_cast<const A*>(args.a), nullptr, static_cast<const PT*>(args.w2),
+                              args.w2_stride_r, args.w2_stride_c, args.r, args.c, static_cast<const PT*>(args.b2),
+                              nullptr, static_cast<A*>(args.e), args.p, args.act, args.gate};
+    run_mlp_tile<Lhs::kHidden>(q, tile, n0, n1, smem);
   }
   __device__ void rescale(int64_t n, int64_t c0, int64_t c1, int64_t p0, int64_t p1) const {
     const ScaleForward<T, A, V, TAIL> step{x(n), optional_view<const T>(args.residual, args.residual_strides, n),
@@ -662,7 +742,7 @@ __device__ void weight_grad_tile(const BackwardArgs& args, int tile) {
   }
 }
 
-// Backward: reduce dt·x, excite backward (de, da, dz/P), rescale dx = dt * gate(e) + dz/P, where dt
+// Backward: reduce dt·x, the MLP tiles (de, da, dz/P), rescale dx = dt * gate(e) + dz/P, where dt
 // is grad_y, or with the residual tail (TAIL) the gradient at its input, written as d_residual.
 template <typename T, typename PT, int V, bool CH_INNER, bool TAIL>
 struct BackwardOps {
@@ -670,7 +750,8 @@ struct BackwardOps {
   static constexpr bool kWeightGrads = true;
   const BackwardArgs& args;
   const A* partial;
-  A* da;  // R shared accumulators
+  int num_segments;
+  A* smem;  // the MLP tiles' shared memory
 
   __device__ SampleView<const T> view(const void* ptr, const Strides3& s, int64_t n) const {
     return sample_view<const T>(ptr, s, n);
@@ -684,8 +765,18 @@ struct BackwardOps {
         args.gate, args.out_act};
     reduce_item<A, V, CH_INNER>(term, c0, c1, p0, p1, out);
   }
-  __device__ void excite(int64_t n, int num_segments) const {
-    excite_backward<PT>(args, n, partial, num_segments, da);
+  __device__ void fc1(int tile, int64_t n0, int64_t n1) const {
+    const MlpProduct<A, PT> q{partial, num_segments, static_cast<const A*>(args.e), static_cast<A*>(args.de),
+                              static_cast<const PT*>(args.w2), args.w2_stride_c, args.w2_stride_r, args.c, args.r,
+                              nullptr, static_cast<const A*>(args.a), static_cast<A*>(args.da), args.p, args.act,
+                              args.gate};
+    run_mlp_tile<Lhs::kGateGrad>(q, tile, n0, n1, smem);
+  }
+  __device__ void fc2(int tile, int64_t n0, int64_t n1) const {
+    const MlpProduct<A, PT> q{nullptr, 0, static_cast<const A*>(args.da), nullptr, static_cast<const PT*>(args.w1),
+                              args.w1_stride_r, args.w1_stride_c, args.r, args.c, nullptr, nullptr,
+                              static_cast<A*>(args.dzp), args.p, args.act, args.gate};
+    run_mlp_tile<Lhs::kHiddenGrad>(q, tile, n0, n1, smem);
   }
   __device__ void weight_grads(int tile) const { weight_grad_tile<PT, A>(args, tile); }
   __device__ void rescale(int64_t n, int64_t c0, int64_t c1, int64_t p0, int64_t p1) const {
@@ -702,29 +793,19 @@ struct BackwardOps {
 };
 
 template <typename T, typename PT, int V, bool CH_INNER, bool TAIL>
-__global__ void __launch_bounds__(kThreads) se_forward_kernel(ForwardArgs args, CudaSchedule s, int* sync,
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) se_forward_kernel(ForwardArgs args, CudaSchedule s, int* sync,
                                                               acc_t<T>* partial) {
-  extern __shared__ unsigned char smem[];
-  ForwardOps<T, PT, V, CH_INNER, TAIL> ops{args, partial, reinterpret_cast<acc_t<T>*>(smem)};
+  extern __shared__ __align__(16) unsigned char smem[];
+  ForwardOps<T, PT, V, CH_INNER, TAIL> ops{args, partial, s.num_segments, reinterpret_cast<acc_t<T>*>(smem)};
   run_schedule(s, args.n, args.c, args.p, sync, partial, ops);
 }
 
 template <typename T, typename PT, int V, bool CH_INNER, bool TAIL>
-__global__ void __launch_bounds__(kThreads) se_backward_kernel(BackwardArgs args, CudaSchedule s, int* sync,
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) se_backward_kernel(BackwardArgs args, CudaSchedule s, int* sync,
                                                                acc_t<T>* partial) {
-  extern __shared__ unsigned char smem[];
-  BackwardOps<T, PT, V, CH_INNER, TAIL> ops{args, partial, reinterpret_cast<acc_t<T>*>(smem)};
+  extern __shared__ __align__(16) unsigned char smem[];
+  BackwardOps<T, PT, V, CH_INNER, TAIL> ops{args, partial, s.num_segments, reinterpret_cast<acc_t<T>*>(smem)};
   run_schedule(s, args.n, args.c, args.p, sync, partial, ops);
-}
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-// Bytes of the R shared accumulators, rounded up to 16: nvcc reads the tail of a loop over them
-// (the dz sum of excite_backward) with one 16-byte LDS that may pass element R - 1; without the
-// padding that read leaves the allocation (compute-sanitizer memcheck, first GPU run).
-template <typename A>
-size_t shared_accumulator_bytes(int64_t r) {
-  return static_cast<size_t>((r * static_cast<int64_t>(sizeof(A)) + 15) / 16 * 16);
 }
 
 // Can every tensor in `views` be moved in V-element packs? Needs stride 1 along the
@@ -781,7 +862,7 @@ cudaError_t forward_typed(const ForwardArgs& args, const CudaSchedule& s, int* s
   const bool tail = args.residual != nullptr || args.out_act != OutAct::kNone;
   return with_variant<V>(packed, inner, tail, [&](auto v, auto in, auto tl) {
     return launch(se_forward_kernel<T, PT, decltype(v)::value, decltype(in)::value, decltype(tl)::value>, args, s,
-                  sync, static_cast<A*>(partial), shared_accumulator_bytes<A>(args.r), stream);
+                  sync, static_cast<A*>(partial), mlp_smem_bytes<A>(), stream);
   });
 }
 
@@ -799,7 +880,7 @@ cudaError_t backward_typed(const BackwardArgs& args, const CudaSchedule& s, int*
   const bool tail = args.out_act != OutAct::kNone;
   return with_variant<V>(packed, inner, tail, [&](auto v, auto in, auto tl) {
     return launch(se_backward_kernel<T, PT, decltype(v)::value, decltype(in)::value, decltype(tl)::value>, args, s,
-                  sync, static_cast<A*>(partial), shared_accumulator_bytes<A>(args.r), stream);
+                  sync, static_cast<A*>(partial), mlp_smem_bytes<A>(), stream);
   });
 }
 
@@ -817,7 +898,47 @@ cudaError_t dispatch_types(const Args& args, Fn&& fn) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+__host__ __device__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
 }  // namespace
+
+// Ticket -> work, in the order of se_cuda.h: R(0) | M1(0) M2(0) R(1) S(0) | ... | M1 M2 S(last) | W.
+__host__ __device__ Work locate_work(int ticket, const CudaSchedule& s, int64_t n, int64_t c, int64_t p) {
+  const int group_items = s.group_size * s.items_per_sample;
+  const int mlp_tiles = s.fc1_tiles + s.fc2_tiles;
+  const int round_len = mlp_tiles + 2 * group_items;
+  Work w{};
+  if (ticket < group_items) {
+    w.phase = Phase::kReduce, w.group = 0, w.index = ticket;
+  } else if (ticket >= s.num_groups * round_len) {
+    w.phase = Phase::kWeightGrads, w.group = 0, w.index = ticket - s.num_groups * round_len;
+  } else {
+    const int u = ticket - group_items;
+    const int k = u / round_len + 1;           // round k: group k - 1's MLP and rescale, group k's reduce
+    const int o = u % round_len - mlp_tiles;  // offset past the round's MLP tiles
+    if (o < -s.fc2_tiles) {
+      w.phase = Phase::kFc1, w.group = k - 1, w.index = o + mlp_tiles;
+    } else if (o < 0) {
+      w.phase = Phase::kFc2, w.group = k - 1, w.index = o + s.fc2_tiles;
+    } else if (k < s.num_groups && o < group_items) {
+      w.phase = Phase::kReduce, w.group = k, w.index = o;
+    } else {
+      w.phase = Phase::kRescale, w.group = k - 1, w.index = k < s.num_groups ? o - group_items : o;
+    }
+  }
+  w.n0 = static_cast<int64_t>(w.group) * s.group_size;
+  w.n1 = min64(n, w.n0 + s.group_size);
+  w.reduced = static_cast<int>(w.n1 - w.n0) * s.items_per_sample;
+  w.excited = w.reduced + mlp_tiles;
+  const int item = w.index % s.items_per_sample;
+  w.n = w.n0 + w.index / s.items_per_sample;
+  w.seg = item % s.num_segments;
+  w.c0 = static_cast<int64_t>(item / s.num_segments) * s.item_c;
+  w.c1 = min64(c, w.c0 + s.item_c);
+  w.p0 = w.seg * s.seg_len;
+  w.p1 = min64(p, w.p0 + s.seg_len);
+  return w;
+}
 
 CudaSchedule plan_cuda_schedule(int64_t n, int64_t c, int64_t r, int64_t p, bool channels_inner, int element_size,
                                 int num_sms, int64_t l2_bytes, bool weight_grads, int force_split,
@@ -828,34 +949,32 @@ CudaSchedule plan_cuda_schedule(int64_t n, int64_t c, int64_t r, int64_t p, bool
   const int64_t channel_blocks = ceil_div(c, s.block_c);
   const int64_t resident = force_num_blocks > 0 ? force_num_blocks : static_cast<int64_t>(num_sms) * kBlocksPerSm;
   s.split = force_split >= 0 ? force_split == 1 : !(n >= resident && c * p * element_size <= kSampleBytesPerBlock);
-  if (!s.split) {
+  if (s.split) {  // items of a block of channels and a segment of positions
+    // Segments are multiples of 256 positions, so every pack width divides them.
+    const int64_t unit = 256;
+    int64_t seg = std::max<int64_t>(unit, ceil_div(kItemElements / s.block_c, unit) * unit);
+    if (n * channel_blocks * ceil_div(p, seg) < 2 * resident) seg = unit;  // more, smaller items to fill the GPU
+    s.seg_len = std::min(seg, ceil_div(p, unit) * unit);
+    s.item_c = s.block_c;
+  } else {  // an item a sample
     s.seg_len = p;
-    s.num_segments = 1;
-    s.items_per_sample = static_cast<int>(channel_blocks);
-    s.group_size = 1;
-    s.num_groups = static_cast<int>(n);
-    s.num_tickets = static_cast<int>(n) + s.wgrad_tiles;  // the backward draws them; the forward runs a block a sample
-    s.num_blocks = s.num_tickets;
-    return s;
+    s.item_c = static_cast<int>(channel_blocks * s.block_c);
   }
-  // Segments are multiples of 256 positions, so every pack width divides them.
-  const int64_t unit = 256;
-  int64_t seg = std::max<int64_t>(unit, ceil_div(kItemElements / s.block_c, unit) * unit);
-  if (n * channel_blocks * ceil_div(p, seg) < 2 * resident) seg = unit;  // more, smaller items to fill the GPU
-  s.seg_len = std::min(seg, ceil_div(p, unit) * unit);
   s.num_segments = static_cast<int>(ceil_div(p, s.seg_len));
-  s.items_per_sample = static_cast<int>(channel_blocks * s.num_segments);
+  s.items_per_sample = static_cast<int>(ceil_div(c, s.item_c) * s.num_segments);
   // A group is at least one wave of reduce items; small samples make it larger, up to what two groups
-  // in flight keep in half the L2 (the rescale re-reads x from there). A sample's MLP runs in the block
-  // that finished its reduce, and a group's rescale waits for all of them: with one-wave groups, small
-  // maps ran their groups' MLPs one group after another (128 x 2048 x 7 x 7: 15 groups of 9 samples).
+  // in flight keep in half the L2 (the rescale re-reads x from there). Larger groups also give the
+  // MLP more tiles to spread over the GPU (128 x 2048 x 7 x 7 on H200: 75 samples, 20 fc1 tiles).
   const int64_t sample_bytes = std::max<int64_t>(1, c * p * element_size);
   const int64_t group = force_group_size > 0
                             ? force_group_size
                             : std::max(ceil_div(resident, s.items_per_sample), l2_bytes / (4 * sample_bytes));
   s.group_size = static_cast<int>(std::min<int64_t>(n, group));
   s.num_groups = static_cast<int>(ceil_div(n, s.group_size));
-  s.num_tickets = 2 * s.num_groups * s.group_size * s.items_per_sample + s.wgrad_tiles;
+  const int64_t chunks = ceil_div(s.group_size, kMlpSamples);
+  s.fc1_tiles = static_cast<int>(chunks * ceil_div(r, kMlpOutputs));
+  s.fc2_tiles = static_cast<int>(chunks * ceil_div(c, kMlpOutputs));
+  s.num_tickets = s.num_groups * (s.fc1_tiles + s.fc2_tiles + 2 * s.group_size * s.items_per_sample) + s.wgrad_tiles;
   s.num_blocks = static_cast<int>(std::min<int64_t>(resident, s.num_tickets));
   return s;
 }

@@ -9,6 +9,7 @@
 #include <map>
 #include <mutex>
 #include <utility>
+#include <vector>
 
 #include "../se_binding.h"
 #include "se_cuda.h"
@@ -20,28 +21,43 @@
 namespace se_fused {
 namespace {
 
-// R accumulators live in dynamic shared memory; with up to 8 KiB of static shared memory beside
-// them, 32 KiB keeps a block under the 48 KiB available without opt-in (spec.MAX_HIDDEN).
-constexpr int64_t kMaxSharedAccumulatorBytes = 32 * 1024;
+// The plan of a problem (n, c, r, p, channels_inner, element_size, num_sms, l2_bytes, weight_grads,
+// force_split, force_group_size, force_num_blocks), then each ticket's Work: the layout
+// se_fused.debug.cuda_schedule reads (PLAN_FIELDS, WORK_FIELDS).
+std::vector<int64_t> describe_schedule(const std::vector<int64_t>& q) {
+  const CudaSchedule s = plan_cuda_schedule(q[0], q[1], q[2], q[3], q[4] != 0, static_cast<int>(q[5]),
+                                            static_cast<int>(q[6]), q[7], q[8] != 0, static_cast<int>(q[9]), q[10],
+                                            q[11]);
+  std::vector<int64_t> out{s.split,      s.block_c,   s.item_c,      s.seg_len,     s.num_segments,
+                           s.items_per_sample, s.group_size, s.num_groups, s.fc1_tiles, s.fc2_tiles,
+                           s.wgrad_tiles, s.num_tickets, s.num_blocks};
+  for (int t = 0; t < s.num_tickets; ++t) {
+    const Work w = locate_work(t, s, q[0], q[1], q[3]);
+    out.insert(out.end(), {static_cast<int64_t>(w.phase), w.group, w.index, w.n0, w.n1, w.reduced, w.excited, w.n,
+                           w.seg, w.c0, w.c1, w.p0, w.p1});
+  }
+  return out;
+}
 
-const bool registered = (register_cuda_build(SE_FUSED_CUDA_ARCH_LIST), true);
+const bool registered = (register_cuda_build(SE_FUSED_CUDA_ARCH_LIST, describe_schedule), true);
 
-// Self-resetting counters (ticket, per-sample counters, per-sample flags, batch counter; zero between launches)
-// of the current stream. Launches on one stream run in order, so they share one workspace.
+// Self-resetting counters (ticket, batch counter, one counter per group of samples; zero between
+// launches) of the current stream. Launches on one stream run in order, so they share one workspace.
 // While a CUDA graph is captured, a fresh workspace comes from the graph's private pool (zeroed
 // by a captured fill) and stays the graph's own: a cached one must never live in that pool.
-Tensor sync_workspace(const Tensor& x, int64_t n) {
+Tensor sync_workspace(const Tensor& x, int64_t num_groups) {
+  const int64_t size = 2 + num_groups;
   if (at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None) {
-    return at::zeros({2 + 2 * n}, x.options().dtype(at::kInt));
+    return at::zeros({size}, x.options().dtype(at::kInt));
   }
   static std::mutex mutex;
   // Never destroyed: freeing CUDA memory from a static destructor can outlive the CUDA context.
   static auto* workspaces = new std::map<std::pair<int, cudaStream_t>, Tensor>();
   const std::lock_guard<std::mutex> lock(mutex);
   Tensor& ws = (*workspaces)[{x.get_device(), at::cuda::getCurrentCUDAStream().stream()}];
-  if (!ws.defined() || ws.numel() < 2 + 2 * n) {
-    // Zeroed once here; afterwards the kernels leave every counter at zero (wherever n puts them).
-    ws = at::zeros({std::max<int64_t>(2 + 2 * n, ws.defined() ? 2 * ws.numel() : 0)}, x.options().dtype(at::kInt));
+  if (!ws.defined() || ws.numel() < size) {
+    // Zeroed once here; afterwards the kernels leave every counter at zero.
+    ws = at::zeros({std::max<int64_t>(size, ws.defined() ? 2 * ws.numel() : 0)}, x.options().dtype(at::kInt));
   }
   return ws;
 }
@@ -54,25 +70,14 @@ CudaSchedule schedule(const Tensor& x, int64_t r, const Strides3& s, bool weight
                             weight_grads, forced.split, forced.group_size, forced.num_programs);
 }
 
-// Before anything is allocated; the shape of fc1_weight itself is checked by the binding. The words
-// are spec.check_hidden_width's, which the Python-run backends raise for the same limit.
-void check_hidden_width(const Tensor& x, const Tensor& fc1_weight) {
-  const int64_t r = fc1_weight.dim() > 0 ? fc1_weight.size(0) : 0;
-  const int64_t bytes = compute_dtype(x) == at::kDouble ? 8 : 4;
-  TORCH_CHECK_VALUE(r * bytes <= kMaxSharedAccumulatorBytes, "backend='cuda' supports at most ",
-                    kMaxSharedAccumulatorBytes / bytes, " hidden units (R) for ", x.scalar_type(),
-                    " input, got fc1_weight with ", r, " outputs; use backend='cpp' (CPU) or 'torch'");
-}
-
 ForwardResult forward_cuda(const Tensor& x, const Tensor& fc1_weight, const c10::optional<Tensor>& fc1_bias,
                            const Tensor& fc2_weight, const c10::optional<Tensor>& fc2_bias, c10::string_view act,
                            c10::string_view gate, const c10::optional<Tensor>& residual, c10::string_view out_act) {
-  check_hidden_width(x, fc1_weight);
   const c10::cuda::CUDAGuard guard(x.device());
   const ForwardCall call = forward_call(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate, residual, out_act);
   if (call.args.n == 0) return call.result();
   const CudaSchedule plan = schedule(x, call.args.r, call.args.x_strides, false);
-  const Tensor sync = sync_workspace(x, call.args.n);
+  const Tensor sync = sync_workspace(x, plan.num_groups);
   const Tensor partial = at::empty({call.args.n * plan.num_segments * call.args.c}, call.z.options());
   const cudaError_t err = se_forward_cuda(call.args, plan, sync.data_ptr<int>(), partial.data_ptr(),
                                           at::cuda::getCurrentCUDAStream().stream());
@@ -86,14 +91,13 @@ BackwardResult backward_cuda(const Tensor& grad_y, const Tensor& x, const Tensor
                              bool need_dx, bool need_weight_grads, const c10::optional<Tensor>& y,
                              const c10::optional<Tensor>& residual, c10::string_view out_act,
                              bool need_residual_grad) {
-  check_hidden_width(x, fc1_weight);
   const c10::cuda::CUDAGuard guard(x.device());
   const BackwardCall call = backward_call(grad_y, x, fc1_weight, fc2_weight, z, a, e, act, gate, has_fc1_bias,
                                           has_fc2_bias, need_dx, need_weight_grads, y, residual, out_act,
                                           need_residual_grad);
   if (call.args.n == 0) return call.result();
   const CudaSchedule plan = schedule(x, call.args.r, call.args.x_strides, call.args.dw1 != nullptr);
-  const Tensor sync = sync_workspace(x, call.args.n);
+  const Tensor sync = sync_workspace(x, plan.num_groups);
   const Tensor partial = at::empty({call.args.n * plan.num_segments * call.args.c}, call.de.options());
   const cudaError_t err = se_backward_cuda(call.args, plan, sync.data_ptr<int>(), partial.data_ptr(),
                                            at::cuda::getCurrentCUDAStream().stream());
