@@ -121,7 +121,7 @@ def _apply_native_schedule() -> None:
 
 
 CUDA_PLAN_FIELDS = ("split", "block_c", "item_c", "seg_len", "num_segments", "items_per_sample", "group_size",
-                   "num_groups", "fc1_tiles", "fc2_tiles", "wgrad_tiles", "num_tickets", "num_blocks")
+                   "num_groups", "fc1_splits", "fc1_tiles", "fc2_tiles", "wgrad_tiles", "num_tickets", "num_blocks")
 CUDA_WORK_FIELDS = ("phase", "group", "index", "n0", "n1", "reduced", "excited", "n", "seg", "c0", "c1", "p0", "p1")
 CUDA_PHASES = ("reduce", "fc1", "fc2", "rescale", "weight_grads")
 

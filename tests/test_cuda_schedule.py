@@ -20,7 +20,7 @@ from se_fused.debug import cuda_schedule
 
 pytestmark = pytest.mark.skipif(not ops.cuda_kernels_available(), reason="se_fused._C built without the CUDA kernels")
 
-MLP_SAMPLES, MLP_OUTPUTS, WGRAD_TILE = 16, 32, 32  # csrc/cuda/se_cuda.h, se_cuda.cu
+MLP_SAMPLES, MLP_OUTPUTS, MLP_SPLIT_K, WGRAD_TILE = 16, 32, 512, 32  # csrc/cuda/se_cuda.h, se_cuda.cu
 H200 = dict(num_sms=132, l2_bytes=60 * 2**20)
 A100 = dict(num_sms=108, l2_bytes=40 * 2**20)
 
@@ -79,7 +79,8 @@ def _check_schedule(plan, tickets, n, c, r, p, weight_grads):
     gs, groups = plan["group_size"], plan["num_groups"]
     assert 1 <= gs <= n and groups == math.ceil(n / gs)
     chunks = math.ceil(gs / MLP_SAMPLES)
-    assert plan["fc1_tiles"] == chunks * math.ceil(r / MLP_OUTPUTS)
+    assert plan["fc1_splits"] == math.ceil(c / MLP_SPLIT_K)
+    assert plan["fc1_tiles"] == chunks * plan["fc1_splits"] * math.ceil(r / MLP_OUTPUTS)
     assert plan["fc2_tiles"] == chunks * math.ceil(c / MLP_OUTPUTS)
     assert plan["wgrad_tiles"] == (math.ceil(c / WGRAD_TILE) * math.ceil(r / WGRAD_TILE) if weight_grads else 0)
     assert len(tickets) == plan["num_tickets"] and 1 <= plan["num_blocks"] <= plan["num_tickets"]
@@ -155,7 +156,8 @@ def _check_schedule(plan, tickets, n, c, r, p, weight_grads):
 
 def test_small_wide_maps_spread_the_mlp_over_many_tiles():
     """128 x 2048 x 7 x 7, R = 128 on an H200 (the shape the first GPU run found 10x slower than eager,
-    its MLP in one block a sample): every group's MLP is tens of tiles, each over 16 samples."""
+    its MLP in one block a sample): every group's MLP is tens of tiles, each over 16 samples, fc1's
+    2048 channels in 4 splits (8 steps of 8 channels a warp)."""
     plan, _ = cuda_schedule(128, 2048, 128, 49, **H200)
-    assert plan["group_size"] >= 64
-    assert plan["fc1_tiles"] >= 16 and plan["fc2_tiles"] >= 256
+    assert plan["group_size"] >= 64 and plan["fc1_splits"] == 4
+    assert plan["fc1_tiles"] >= 64 and plan["fc2_tiles"] >= 256

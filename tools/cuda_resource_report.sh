@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One line per CUDA kernel and architecture of the *built* extension (se_fused/_C*.so, the cubins
 # nvcc put in it; nothing is recompiled): registers, stack frame (spills live there) and shared
-# memory, then what its SASS does with memory: 16-byte global loads and stores (the streaming
-# passes' width) and local-memory accesses (spills). Needs cuobjdump only (no GPU): $CUOBJDUMP,
-# CUDA's, or the one Triton ships.
+# memory, then what its SASS does with memory (tools/sass_facts.py): 16-byte global loads and
+# stores (the streaming passes' width), local-memory accesses (spills, the stack around calls) and
+# how many of those sit in a streaming loop (none may: the script fails). Needs cuobjdump only (no GPU): $CUOBJDUMP, CUDA's, or
+# the one Triton ships.
 #   tools/cuda_resource_report.sh [arch ...]      default: 80 90
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +20,8 @@ archs=("$@")
 demangle() { c++filt | sed -E 's/se_fused::\(anonymous namespace\):://g; s/\(se_fused::[^)]*\)//; s/ void / /'; }
 resources=$("$cuobjdump" --dump-resource-usage "$lib")
 sass=$("$cuobjdump" -sass "$lib")
+facts=$(mktemp)
+trap 'rm -f "$facts"' EXIT
 for arch in "${archs[@]}"; do
     grep -q "arch = sm_${arch}\$" <<<"$resources" || { echo "sm_${arch}: not in $lib"; continue; }
     awk -v want="sm_${arch}" '
@@ -28,13 +31,10 @@ for arch in "${archs[@]}"; do
             for (i = 1; i <= NF; i++) { split($i, kv, ":"); v[kv[1]] = kv[2] }
             printf "%s %s regs=%s stack=%s smem=%s\n", arch, name, v["REG"], v["STACK"], v["SHARED"]
         }' <<<"$resources" | demangle
-    awk -v want="sm_${arch}" '
-        function report() { if (name != "") printf "%s %s SASS: LDG.128=%d STG.128=%d local=%d\n", want, name, ld, st, lcl }
-        /^arch = / { report(); name = ""; arch = $3 }
-        arch != want { next }
-        /Function :/ { report(); name = $3; ld = st = lcl = 0 }
-        /LDG[.A-Z]*\.128/ { ld++ }
-        /STG[.A-Z]*\.128/ { st++ }
-        /(LDL|STL)/ { lcl++ }
-        END { report() }' <<<"$sass" | demangle
+    python3 tools/sass_facts.py "sm_${arch}" <<<"$sass" | demangle | tee -a "$facts"
 done
+# A spill inside a streaming loop costs bandwidth on every element: fail (CI runs this script).
+if grep -v "local_in_streaming_loops=0\$" "$facts" | grep -q SASS; then
+    echo "FAIL: local-memory accesses inside a streaming loop (above)" >&2
+    exit 1
+fi

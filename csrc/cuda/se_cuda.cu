@@ -330,7 +330,9 @@ struct ScaleBackward {
   struct Loaded {
     Pack<T, V> g, u, r;
   };
-  static constexpr int kUnroll = TAIL ? 2 : 4;
+  // The tail's step reads three tensors (48 bytes a thread); unrolled twice, ptxas spilled inside
+  // the channels_last loop under the kernels' 128-register bound.
+  static constexpr int kUnroll = TAIL ? 1 : 4;
   SampleView<const T> g, u, residual;  // u: the tail's y (ReLU) or x (SiLU); residual base null: none
   SampleView<T> dx;
   const A* e;
@@ -373,28 +375,37 @@ struct ScaleBackward {
 // takes every kWarps-th step of kMlpK k values (split K; operands staged in shared memory, 4x4
 // outputs a lane), and the warps' partial tiles are added in warp order: deterministic, and a
 // sample's result does not depend on the group it is in.
+//
+// fc1 (K = C, long) is also split across tiles, fc1_splits ranges of at most kMlpSplitK channels:
+// a warp then walks at most kMlpSplitK / (kWarps · kMlpK) steps, each an L2 round trip. The fc1
+// tiles store their sums as partial rows; fc2's left operand adds a sample's rows in order (as z
+// adds the partial sums of a sample's segments), finishes them (+ b1, or act'(a) ·) and stores the
+// result (a, or da) once, from the tiles of output block 0.
 
-// The four products of the MLP, named by their left operand L.
+// The four products of the MLP, named by their left operand L, each the sum of a sample's
+// partial rows (row (n · rows + i) of K), finished:
 enum class Lhs {
-  kPooled,      // forward fc1: L = z = Σ partial sums / P (stored), B = W1ᵀ, out a = · + b1
-  kHidden,      // forward fc2: L = act(a), B = W2ᵀ, out e = · + b2
-  kGateGrad,    // backward fc1: L = de = gate'(e) · Σ partial sums (stored), B = W2, out da = act'(a) ·
-  kHiddenGrad,  // backward fc2: L = da, B = W1, out dz/P = · / P
+  kPooled,      // forward fc1: z = Σ / P (stored); B = W1ᵀ; out: rows of a - b1
+  kHidden,      // forward fc2: act(a), a = Σ + b1 (stored); B = W2ᵀ; out e = · + b2
+  kGateGrad,    // backward fc1: de = gate'(e) · Σ (stored); B = W2; out: rows of dh = de W2
+  kHiddenGrad,  // backward fc2: da = act'(a) · Σ (stored); B = W1; out dz/P = · / P
 };
 
 // One product's operands, passed by value to the (not inlined) tile function.
 template <typename A, typename PT>
 struct MlpProduct {
-  const A* partial;   // kPooled, kGateGrad: the partial sums, row (n · num_segments + seg) of K
-  int num_segments;
-  const A* lhs;       // kHidden: a; kGateGrad: e; kHiddenGrad: da (rows of K)
-  A* lhs_out;         // kPooled: z; kGateGrad: de (written by the tiles of output block 0)
+  const A* rows;      // the partial rows L sums: partial sums (fc1), the fc1 tiles' rows (fc2)
+  int num_rows;       // per sample: segments (fc1), fc1 splits (fc2)
+  const A* aux;       // kGateGrad: e; kHiddenGrad: a
+  const PT* bias_in;  // kHidden: b1 (may be null)
+  A* lhs_out;         // z, a, de or da (written by the tiles of output block 0)
   const PT* w;        // B(k, j) = w[k · w_k + j · w_j]
   int64_t w_k, w_j;
   int64_t k, j;       // K, J
-  const PT* bias;     // kPooled: b1, kHidden: b2 (may be null)
-  const A* a;         // kGateGrad: a, for act'
-  A* out;             // rows of J
+  const PT* bias;     // kHidden: b2 (may be null)
+  A* out;             // fc1: rows (n · out_rows + split) of J; fc2: rows of J
+  int out_rows;       // fc1: the splits; fc2: 1
+  int64_t split_k;    // fc1: channels per split
   int64_t p;          // positions
   Act act;
   Gate gate;
@@ -404,6 +415,7 @@ constexpr int kMlpK = 8;  // k values per step of a warp: 4 of L and a row of 8 
 constexpr int kMlpStage = kMlpK * (kMlpSamples + kMlpOutputs);  // values a warp stages per step
 constexpr int kMlpTileValues = kMlpSamples * kMlpOutputs;
 static_assert(kMlpSamples * kMlpK == 4 * 32 && kMlpOutputs == 32, "a lane stages 4 values of L and 8 of W");
+static_assert(kMlpSplitK % (kWarps * kMlpK) == 0, "a split is whole steps of every warp");
 
 // Shared memory of an MLP tile, in bytes (the kernels' dynamic shared memory): the warps' staging
 // areas, then the same bytes for their partial tiles.
@@ -412,22 +424,20 @@ constexpr size_t mlp_smem_bytes() {
   return kWarps * std::max(kMlpStage, kMlpTileValues) * sizeof(A);
 }
 
-// L(m, k) of sample m; `store`: write it back (z, de) too.
+// L(m, k) of sample m; `store`: write it (z, a, de, da) too. Rows written in this launch are read
+// through L2 (__ldcg).
 template <Lhs KIND, typename A, typename PT>
 __device__ __forceinline__ A lhs_value(const MlpProduct<A, PT>& q, int64_t m, int64_t k, bool store) {
-  if constexpr (KIND == Lhs::kPooled || KIND == Lhs::kGateGrad) {
-    A sum = 0;
-    for (int seg = 0; seg < q.num_segments; ++seg) sum += __ldcg(q.partial + (m * q.num_segments + seg) * q.k + k);
-    A v;
-    if constexpr (KIND == Lhs::kPooled) v = sum / static_cast<A>(q.p);
-    else v = gate_backward(sum, q.lhs[m * q.k + k], q.gate);
-    if (store) q.lhs_out[m * q.k + k] = v;
-    return v;
-  } else if constexpr (KIND == Lhs::kHidden) {
-    return activation(__ldcg(q.lhs + m * q.k + k), q.act);  // a: written by this launch's fc1 tiles
-  } else {
-    return __ldcg(q.lhs + m * q.k + k);  // da: written by this launch's fc1 tiles
-  }
+  A sum = 0;
+  for (int i = 0; i < q.num_rows; ++i) sum += __ldcg(q.rows + (m * q.num_rows + i) * q.k + k);
+  A v;
+  if constexpr (KIND == Lhs::kPooled) v = sum / static_cast<A>(q.p);
+  else if constexpr (KIND == Lhs::kHidden) v = q.bias_in ? sum + to_acc(q.bias_in[k]) : sum;
+  else if constexpr (KIND == Lhs::kGateGrad) v = gate_backward(sum, q.aux[m * q.k + k], q.gate);
+  else v = activation_backward(sum, q.aux[m * q.k + k], q.act);
+  if (store) q.lhs_out[m * q.k + k] = v;
+  if constexpr (KIND == Lhs::kHidden) v = activation(v, q.act);
+  return v;
 }
 
 // Elements of a row of 8 that lie before its end, `remaining` elements away.
@@ -471,7 +481,8 @@ __device__ __forceinline__ void load_shared4(const A* p, A (&out)[4]) {
 // A warp's step: its loads, then its FMAs; the latency is hidden by the other warps and blocks
 // (a register prefetch of the next step spilled under the 128-register bound).
 template <Lhs KIND, typename A, typename PT>
-__device__ __noinline__ void mlp_tile(const MlpProduct<A, PT> q, int64_t m0, int64_t m1, int64_t j0, A* smem) {
+__device__ __noinline__ void mlp_tile(const MlpProduct<A, PT> q, int64_t m0, int64_t m1, int64_t j0, int split,
+                                      A* smem) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   A* lhs_s = smem + warp * kMlpStage;       // [kMlpK][kMlpSamples]
   A* rhs_s = lhs_s + kMlpK * kMlpSamples;   // [kMlpK][kMlpOutputs]
@@ -491,21 +502,20 @@ __device__ __noinline__ void mlp_tile(const MlpProduct<A, PT> q, int64_t m0, int
   for (int i = 0; i < 4; ++i)
 #pragma unroll
     for (int u = 0; u < 4; ++u) acc[i][u] = 0;
-  const int64_t steps = (q.k + kMlpK - 1) / kMlpK;
-  for (int64_t step = warp; step < steps; step += kWarps) {
-    const int64_t k0 = step * kMlpK;
+  const int64_t k_begin = split * q.split_k, k_end = min(q.k, k_begin + q.split_k);
+  for (int64_t k0 = k_begin + warp * kMlpK; k0 < k_end; k0 += kWarps * kMlpK) {
     A lv[4], rv[8];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int64_t k = k0 + lk + i;
-      lv[i] = m < m1 && k < q.k ? lhs_value<KIND>(q, m, k, store_lhs) : A(0);
+      lv[i] = m < m1 && k < k_end ? lhs_value<KIND>(q, m, k, store_lhs) : A(0);
     }
     if (along_k) {
       const int64_t j = j0 + lane;
-      load_weights8(q.w + j * q.w_j + k0 * q.w_k, q.w_k, j < q.j ? row_length(q.k - k0) : 0, vec, rv);
+      load_weights8(q.w + j * q.w_j + k0 * q.w_k, q.w_k, j < q.j ? row_length(k_end - k0) : 0, vec, rv);
     } else {
       const int64_t k = k0 + lane / 4, j = j0 + 8 * (lane % 4);
-      load_weights8(q.w + k * q.w_k + j * q.w_j, q.w_j, k < q.k ? row_length(q.j - j) : 0, vec, rv);
+      load_weights8(q.w + k * q.w_k + j * q.w_j, q.w_j, k < k_end ? row_length(q.j - j) : 0, vec, rv);
     }
 #pragma unroll
     for (int i = 0; i < 4; ++i) lhs_s[(lk + i) * kMlpSamples + lm] = lv[i];
@@ -539,26 +549,29 @@ __device__ __noinline__ void mlp_tile(const MlpProduct<A, PT> q, int64_t m0, int
     if (mo >= m1 || j >= q.j) continue;
     A v = 0;
     for (int w = 0; w < kWarps; ++w) v += partial_tiles[w * kMlpTileValues + o];
-    if constexpr (KIND == Lhs::kPooled || KIND == Lhs::kHidden) {
+    if constexpr (KIND == Lhs::kHidden) {
       if (q.bias) v += to_acc(q.bias[j]);
-    } else if constexpr (KIND == Lhs::kGateGrad) {
-      v = activation_backward(v, q.a[mo * q.j + j], q.act);
-    } else {
+    } else if constexpr (KIND == Lhs::kHiddenGrad) {
       v = v / static_cast<A>(q.p);
     }
-    q.out[mo * q.j + j] = v;
+    q.out[(mo * q.out_rows + split) * q.j + j] = v;
   }
   __syncthreads();  // the next tile's staging reuses the shared memory
 }
 
-// MLP tile `tile` of a product with J outputs over the group's samples [n0, n1): sample chunk
-// tile / ⌈J / kMlpOutputs⌉, output block tile mod ⌈J / kMlpOutputs⌉.
+// split_k of a product that is not split: all of K (at least 1, so that R = 0 divides).
+__device__ __forceinline__ int64_t one_split(int64_t k) { return k > 0 ? k : 1; }
+
+// MLP tile `tile` of a product with J outputs over the group's samples [n0, n1): output block
+// tile mod ⌈J / kMlpOutputs⌉, then the split, then the chunk of kMlpSamples samples.
 template <Lhs KIND, typename A, typename PT>
 __device__ __forceinline__ void run_mlp_tile(const MlpProduct<A, PT>& q, int tile, int64_t n0, int64_t n1, A* smem) {
   const int j_tiles = static_cast<int>((q.j + kMlpOutputs - 1) / kMlpOutputs);
-  const int64_t m0 = n0 + static_cast<int64_t>(tile / j_tiles) * kMlpSamples;
+  const int splits = static_cast<int>((q.k + q.split_k - 1) / q.split_k);
+  const int jt = tile % j_tiles, split = tile / j_tiles % splits, chunk = tile / j_tiles / splits;
+  const int64_t m0 = n0 + static_cast<int64_t>(chunk) * kMlpSamples;
   if (m0 >= n1) return;  // a short last group's chunk beyond it
-  mlp_tile<KIND>(q, m0, min(n1, m0 + kMlpSamples), static_cast<int64_t>(tile % j_tiles) * kMlpOutputs, smem);
+  mlp_tile<KIND>(q, m0, min(n1, m0 + kMlpSamples), static_cast<int64_t>(jt) * kMlpOutputs, split, smem);
 }
 
 // Block-wide: thread 0 draws a ticket, everyone gets it.
@@ -663,23 +676,25 @@ struct ForwardOps {
   const ForwardArgs& args;
   const A* partial;
   int num_segments;
-  A* smem;  // the MLP tiles' shared memory
+  A* mlp_rows;  // the fc1 tiles' partial rows
+  int fc1_splits;
+  A* smem;      // the MLP tiles' shared memory
 
   __device__ SampleView<const T> x(int64_t n) const { return sample_view<const T>(args.x, args.x_strides, n); }
   __device__ void reduce(int64_t n, int64_t c0, int64_t c1, int64_t p0, int64_t p1, A* out) const {
     reduce_item<A, V, CH_INNER>(SumOfX<T, A, V>{x(n)}, c0, c1, p0, p1, out);
   }
   __device__ void fc1(int tile, int64_t n0, int64_t n1) const {
-    const MlpProduct<A, PT> q{partial, num_segments, nullptr, static_cast<A*>(args.z),
+    const MlpProduct<A, PT> q{partial, num_segments, nullptr, nullptr, static_cast<A*>(args.z),
                               static_cast<const PT*>(args.w1), args.w1_stride_c, args.w1_stride_r, args.c, args.r,
-                              static_cast<const PT*>(args.b1), nullptr, static_cast<A*>(args.a), args.p,
-                              args.act, args.gate};
+                              nullptr, mlp_rows, fc1_splits, kMlpSplitK, args.p, args.act, args.gate};
     run_mlp_tile<Lhs::kPooled>(q, tile, n0, n1, smem);
   }
   __device__ void fc2(int tile, int64_t n0, int64_t n1) const {
-    const MlpProduct<A, PT> q{nullptr, 0, static_cast<const A*>(args.a), nullptr, static_cast<const PT*>(args.w2),
-                              args.w2_stride_r, args.w2_stride_c, args.r, args.c, static_cast<const PT*>(args.b2),
-                              nullptr, static_cast<A*>(args.e), args.p, args.act, args.gate};
+    const MlpProduct<A, PT> q{mlp_rows,   fc1_splits, nullptr, static_cast<const PT*>(args.b1),
+                              static_cast<A*>(args.a), static_cast<const PT*>(args.w2), args.w2_stride_r,
+                              args.w2_stride_c, args.r, args.c, static_cast<const PT*>(args.b2),
+                              static_cast<A*>(args.e), 1, one_split(args.r), args.p, args.act, args.gate};
     run_mlp_tile<Lhs::kHidden>(q, tile, n0, n1, smem);
   }
   __device__ void rescale(int64_t n, int64_t c0, int64_t c1, int64_t p0, int64_t p1) const {
@@ -690,56 +705,78 @@ struct ForwardOps {
   }
 };
 
+// The weight-gradient tiles' operands, by value to the (not inlined) tile function: a reference to
+// the kernel's arguments would copy all of them to its stack.
+template <typename A, typename PT>
+struct WeightGrads {
+  const A* de;  // (N, C) and (N, R): written by this launch's MLP tiles
+  const A* da;
+  const A* z;   // (N, C) and (N, R): the forward's
+  const A* a;
+  PT* dw1;      // (R, C), (C, R) with strides; db1, db2 may be null
+  PT* dw2;
+  PT* db1;
+  PT* db2;
+  int64_t n, c, r;
+  int64_t dw1_stride_r, dw1_stride_c, dw2_stride_c, dw2_stride_r;
+  Act act;
+};
+
+constexpr int kWeightGradSamples = 4;  // samples whose loads a weight-gradient tile has in flight at once
+
 // One tile of the weight gradients, the backward's last tickets: dW2 = deᵀ act(a), dW1 = daᵀ z,
 // db2 = Σ de, db1 = Σ da, summed over n in order (deterministic). Tile t covers channels
-// [32 (t mod ⌈C/32⌉), +32) and hidden units [32 ⌊t / ⌈C/32⌉⌋, +32); thread (tx, ty) owns rows ty,
-// ty+8, ... de and da were written by other blocks in this launch: read through L2 (__ldcg).
-template <typename PT, typename A>
-__device__ void weight_grad_tile(const BackwardArgs& args, int tile) {
-  constexpr int kTile = kWeightGradTile, kRowsPerThread = kTile / kWarps;
-  const int64_t C = args.c, R = args.r;
+// [32 (t mod ⌈C/32⌉), +32) and hidden units [32 ⌊t / ⌈C/32⌉⌋, +32); thread (tx, ty) owns channel tx
+// and rows ty, ty+8, ... of the tile. Loads of kWeightGradSamples samples come before their sums: a
+// loop of one sample at a time was a chain of N dependent L2 round trips. The first row of tiles
+// sums db2 (threads ty = 0), the first column db1 (threads tx = 0).
+template <typename A, typename PT>
+__device__ __noinline__ void weight_grad_tile(const WeightGrads<A, PT> q, int tile) {
+  constexpr int kTile = kWeightGradTile, kRows = kTile / kWarps, kS = kWeightGradSamples;
+  const int64_t C = q.c, R = q.r;
   const int channel_tiles = static_cast<int>((C + kTile - 1) / kTile);
   const int64_t c_tile = tile % channel_tiles, r_tile = tile / channel_tiles;
   const int tx = threadIdx.x % kTile, ty = threadIdx.x / kTile;
   const int64_t c = c_tile * kTile + tx;
-  const A* de = static_cast<const A*>(args.de);
-  const A* da = static_cast<const A*>(args.da);
-  const A* z = static_cast<const A*>(args.z);
-  const A* a = static_cast<const A*>(args.a);
-  A dw2[kRowsPerThread] = {}, dw1[kRowsPerThread] = {};
-  for (int64_t n = 0; n < args.n; ++n) {
-    const A de_nc = c < C ? __ldcg(de + n * C + c) : A(0);
-    const A z_nc = c < C ? z[n * C + c] : A(0);
+  A dw2[kRows] = {}, dw1[kRows] = {}, db1[kRows] = {}, db2 = 0;
+  for (int64_t n0 = 0; n0 < q.n; n0 += kS) {
+    A de_v[kS], z_v[kS], h_v[kS][kRows], da_v[kS][kRows];
 #pragma unroll
-    for (int k = 0; k < kRowsPerThread; ++k) {
-      const int64_t r = r_tile * kTile + ty + k * kWarps;
-      if (r < R) {
-        dw2[k] += de_nc * activation(a[n * R + r], args.act);
-        dw1[k] += z_nc * __ldcg(da + n * R + r);
+    for (int u = 0; u < kS; ++u) {
+      const int64_t n = n0 + u;
+      const bool on_c = n < q.n && c < C;
+      de_v[u] = on_c ? __ldcg(q.de + n * C + c) : A(0);
+      z_v[u] = on_c ? q.z[n * C + c] : A(0);
+#pragma unroll
+      for (int k = 0; k < kRows; ++k) {
+        const int64_t r = r_tile * kTile + ty + k * kWarps;
+        const bool on_r = n < q.n && r < R;
+        h_v[u][k] = on_r ? activation(q.a[n * R + r], q.act) : A(0);
+        da_v[u][k] = on_r ? __ldcg(q.da + n * R + r) : A(0);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kS; ++u) {
+      if (n0 + u >= q.n) break;
+      db2 += de_v[u];
+#pragma unroll
+      for (int k = 0; k < kRows; ++k) {
+        dw2[k] += de_v[u] * h_v[u][k];
+        dw1[k] += z_v[u] * da_v[u][k];
+        db1[k] += da_v[u][k];
       }
     }
   }
-  PT* out_w2 = static_cast<PT*>(args.dw2);
-  PT* out_w1 = static_cast<PT*>(args.dw1);
 #pragma unroll
-  for (int k = 0; k < kRowsPerThread; ++k) {
+  for (int k = 0; k < kRows; ++k) {
     const int64_t r = r_tile * kTile + ty + k * kWarps;
     if (c < C && r < R) {
-      from_acc(dw2[k], out_w2[c * args.dw2_stride_c + r * args.dw2_stride_r]);
-      from_acc(dw1[k], out_w1[r * args.dw1_stride_r + c * args.dw1_stride_c]);
+      from_acc(dw2[k], q.dw2[c * q.dw2_stride_c + r * q.dw2_stride_r]);
+      from_acc(dw1[k], q.dw1[r * q.dw1_stride_r + c * q.dw1_stride_c]);
     }
+    if (q.db1 && c_tile == 0 && tx == 0 && r < R) from_acc(db1[k], q.db1[r]);
   }
-  if (args.db2 && r_tile == 0 && ty == 0 && c < C) {
-    A sum = 0;
-    for (int64_t n = 0; n < args.n; ++n) sum += __ldcg(de + n * C + c);
-    from_acc(sum, static_cast<PT*>(args.db2)[c]);
-  }
-  const int64_t r = r_tile * kTile + tx;
-  if (args.db1 && c_tile == 0 && ty == 0 && r < R) {
-    A sum = 0;
-    for (int64_t n = 0; n < args.n; ++n) sum += __ldcg(da + n * R + r);
-    from_acc(sum, static_cast<PT*>(args.db1)[r]);
-  }
+  if (q.db2 && r_tile == 0 && ty == 0 && c < C) from_acc(db2, q.db2[c]);
 }
 
 // Backward: reduce dt·x, the MLP tiles (de, da, dz/P), rescale dx = dt * gate(e) + dz/P, where dt
@@ -751,7 +788,9 @@ struct BackwardOps {
   const BackwardArgs& args;
   const A* partial;
   int num_segments;
-  A* smem;  // the MLP tiles' shared memory
+  A* mlp_rows;  // the fc1 tiles' partial rows
+  int fc1_splits;
+  A* smem;      // the MLP tiles' shared memory
 
   __device__ SampleView<const T> view(const void* ptr, const Strides3& s, int64_t n) const {
     return sample_view<const T>(ptr, s, n);
@@ -766,19 +805,25 @@ struct BackwardOps {
     reduce_item<A, V, CH_INNER>(term, c0, c1, p0, p1, out);
   }
   __device__ void fc1(int tile, int64_t n0, int64_t n1) const {
-    const MlpProduct<A, PT> q{partial, num_segments, static_cast<const A*>(args.e), static_cast<A*>(args.de),
+    const MlpProduct<A, PT> q{partial, num_segments, static_cast<const A*>(args.e), nullptr, static_cast<A*>(args.de),
                               static_cast<const PT*>(args.w2), args.w2_stride_c, args.w2_stride_r, args.c, args.r,
-                              nullptr, static_cast<const A*>(args.a), static_cast<A*>(args.da), args.p, args.act,
-                              args.gate};
+                              nullptr, mlp_rows, fc1_splits, kMlpSplitK, args.p, args.act, args.gate};
     run_mlp_tile<Lhs::kGateGrad>(q, tile, n0, n1, smem);
   }
   __device__ void fc2(int tile, int64_t n0, int64_t n1) const {
-    const MlpProduct<A, PT> q{nullptr, 0, static_cast<const A*>(args.da), nullptr, static_cast<const PT*>(args.w1),
-                              args.w1_stride_r, args.w1_stride_c, args.r, args.c, nullptr, nullptr,
-                              static_cast<A*>(args.dzp), args.p, args.act, args.gate};
+    const MlpProduct<A, PT> q{mlp_rows, fc1_splits, static_cast<const A*>(args.a), nullptr, static_cast<A*>(args.da),
+                              static_cast<const PT*>(args.w1), args.w1_stride_r, args.w1_stride_c, args.r, args.c,
+                              nullptr, static_cast<A*>(args.dzp), 1, one_split(args.r), args.p, args.act, args.gate};
     run_mlp_tile<Lhs::kHiddenGrad>(q, tile, n0, n1, smem);
   }
-  __device__ void weight_grads(int tile) const { weight_grad_tile<PT, A>(args, tile); }
+  __device__ void weight_grads(int tile) const {
+    const WeightGrads<A, PT> q{static_cast<const A*>(args.de), static_cast<const A*>(args.da),
+                               static_cast<const A*>(args.z), static_cast<const A*>(args.a),
+                               static_cast<PT*>(args.dw1), static_cast<PT*>(args.dw2), static_cast<PT*>(args.db1),
+                               static_cast<PT*>(args.db2), args.n, args.c, args.r, args.dw1_stride_r,
+                               args.dw1_stride_c, args.dw2_stride_c, args.dw2_stride_r, args.act};
+    weight_grad_tile(q, tile);
+  }
   __device__ void rescale(int64_t n, int64_t c0, int64_t c1, int64_t p0, int64_t p1) const {
     if (!args.dx) return;
     const bool relu = args.out_act == OutAct::kRelu;
@@ -793,18 +838,20 @@ struct BackwardOps {
 };
 
 template <typename T, typename PT, int V, bool CH_INNER, bool TAIL>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm) se_forward_kernel(ForwardArgs args, CudaSchedule s, int* sync,
-                                                              acc_t<T>* partial) {
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
+    se_forward_kernel(ForwardArgs args, CudaSchedule s, int* sync, acc_t<T>* partial) {
   extern __shared__ __align__(16) unsigned char smem[];
-  ForwardOps<T, PT, V, CH_INNER, TAIL> ops{args, partial, s.num_segments, reinterpret_cast<acc_t<T>*>(smem)};
+  ForwardOps<T, PT, V, CH_INNER, TAIL> ops{args, partial, s.num_segments, partial + args.n * s.num_segments * args.c,
+                                           s.fc1_splits, reinterpret_cast<acc_t<T>*>(smem)};
   run_schedule(s, args.n, args.c, args.p, sync, partial, ops);
 }
 
 template <typename T, typename PT, int V, bool CH_INNER, bool TAIL>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm) se_backward_kernel(BackwardArgs args, CudaSchedule s, int* sync,
-                                                               acc_t<T>* partial) {
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
+    se_backward_kernel(BackwardArgs args, CudaSchedule s, int* sync, acc_t<T>* partial) {
   extern __shared__ __align__(16) unsigned char smem[];
-  BackwardOps<T, PT, V, CH_INNER, TAIL> ops{args, partial, s.num_segments, reinterpret_cast<acc_t<T>*>(smem)};
+  BackwardOps<T, PT, V, CH_INNER, TAIL> ops{args, partial, s.num_segments, partial + args.n * s.num_segments * args.c,
+                                            s.fc1_splits, reinterpret_cast<acc_t<T>*>(smem)};
   run_schedule(s, args.n, args.c, args.p, sync, partial, ops);
 }
 
@@ -972,7 +1019,8 @@ CudaSchedule plan_cuda_schedule(int64_t n, int64_t c, int64_t r, int64_t p, bool
   s.group_size = static_cast<int>(std::min<int64_t>(n, group));
   s.num_groups = static_cast<int>(ceil_div(n, s.group_size));
   const int64_t chunks = ceil_div(s.group_size, kMlpSamples);
-  s.fc1_tiles = static_cast<int>(chunks * ceil_div(r, kMlpOutputs));
+  s.fc1_splits = static_cast<int>(ceil_div(c, kMlpSplitK));
+  s.fc1_tiles = static_cast<int>(chunks * s.fc1_splits * ceil_div(r, kMlpOutputs));
   s.fc2_tiles = static_cast<int>(chunks * ceil_div(c, kMlpOutputs));
   s.num_tickets = s.num_groups * (s.fc1_tiles + s.fc2_tiles + 2 * s.group_size * s.items_per_sample) + s.wgrad_tiles;
   s.num_blocks = static_cast<int>(std::min<int64_t>(resident, s.num_tickets));

@@ -37,7 +37,8 @@ struct CudaSchedule {
   int items_per_sample;
   int group_size;         // samples per ticket group
   int num_groups;
-  int fc1_tiles;          // per group: sample chunks x hidden-unit tiles
+  int fc1_splits;         // fc1's K (the channels) in ranges of kMlpSplitK
+  int fc1_tiles;          // per group: sample chunks x splits x hidden-unit tiles
   int fc2_tiles;          // per group: sample chunks x channel tiles
   int wgrad_tiles;        // weight-gradient tiles, the last tickets (backward with weight grads)
   int num_tickets;
@@ -47,6 +48,7 @@ struct CudaSchedule {
 constexpr int kThreads = 256;
 constexpr int kMlpSamples = 16;  // samples per MLP tile
 constexpr int kMlpOutputs = 32;  // hidden units (fc1) or channels (fc2) per MLP tile
+constexpr int kMlpSplitK = 512;  // channels per fc1 tile (fc1's partial rows are added by fc2's tiles)
 
 enum class Phase : int { kReduce = 0, kFc1 = 1, kFc2 = 2, kRescale = 3, kWeightGrads = 4 };
 
@@ -74,9 +76,16 @@ CudaSchedule plan_cuda_schedule(int64_t n, int64_t c, int64_t r, int64_t p, bool
                                 int num_sms, int64_t l2_bytes, bool weight_grads, int force_split,
                                 int64_t force_group_size, int64_t force_num_blocks);
 
-// `sync` points at 2 + n zero-initialised ints (ticket, batch counter, one counter per group) that
-// are zero again when the kernel ends. `partial` holds n * num_segments * c
-// accumulators (float, or double for double input). Returns the launch error, if any.
+// Accumulators (float, or double for double input) the kernels need in `partial`: the reduce
+// items' partial sums, then the fc1 tiles' partial rows.
+inline int64_t partial_elements(const CudaSchedule& s, int64_t n, int64_t c, int64_t r) {
+  return n * (s.num_segments * c + s.fc1_splits * r);
+}
+
+// `sync` points at 2 + num_groups zero-initialised ints (ticket, batch counter, one counter per
+// group) that are zero again when the kernel ends; `partial` at partial_elements() accumulators.
+// Returns the launch error, if any.
+
 cudaError_t se_forward_cuda(const ForwardArgs& args, const CudaSchedule& schedule, int* sync, void* partial,
                             cudaStream_t stream);
 cudaError_t se_backward_cuda(const BackwardArgs& args, const CudaSchedule& schedule, int* sync, void* partial,

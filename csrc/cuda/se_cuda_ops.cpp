@@ -23,14 +23,14 @@ namespace {
 
 // The plan of a problem (n, c, r, p, channels_inner, element_size, num_sms, l2_bytes, weight_grads,
 // force_split, force_group_size, force_num_blocks), then each ticket's Work: the layout
-// se_fused.debug.cuda_schedule reads (PLAN_FIELDS, WORK_FIELDS).
+// se_fused.debug.cuda_schedule reads (CUDA_PLAN_FIELDS, CUDA_WORK_FIELDS).
 std::vector<int64_t> describe_schedule(const std::vector<int64_t>& q) {
   const CudaSchedule s = plan_cuda_schedule(q[0], q[1], q[2], q[3], q[4] != 0, static_cast<int>(q[5]),
                                             static_cast<int>(q[6]), q[7], q[8] != 0, static_cast<int>(q[9]), q[10],
                                             q[11]);
-  std::vector<int64_t> out{s.split,      s.block_c,   s.item_c,      s.seg_len,     s.num_segments,
-                           s.items_per_sample, s.group_size, s.num_groups, s.fc1_tiles, s.fc2_tiles,
-                           s.wgrad_tiles, s.num_tickets, s.num_blocks};
+  std::vector<int64_t> out{s.split,      s.block_c,    s.item_c,     s.seg_len,   s.num_segments,
+                           s.items_per_sample, s.group_size, s.num_groups, s.fc1_splits, s.fc1_tiles,
+                           s.fc2_tiles, s.wgrad_tiles, s.num_tickets, s.num_blocks};
   for (int t = 0; t < s.num_tickets; ++t) {
     const Work w = locate_work(t, s, q[0], q[1], q[3]);
     out.insert(out.end(), {static_cast<int64_t>(w.phase), w.group, w.index, w.n0, w.n1, w.reduced, w.excited, w.n,
@@ -78,7 +78,7 @@ ForwardResult forward_cuda(const Tensor& x, const Tensor& fc1_weight, const c10:
   if (call.args.n == 0) return call.result();
   const CudaSchedule plan = schedule(x, call.args.r, call.args.x_strides, false);
   const Tensor sync = sync_workspace(x, plan.num_groups);
-  const Tensor partial = at::empty({call.args.n * plan.num_segments * call.args.c}, call.z.options());
+  const Tensor partial = at::empty({partial_elements(plan, call.args.n, call.args.c, call.args.r)}, call.z.options());
   const cudaError_t err = se_forward_cuda(call.args, plan, sync.data_ptr<int>(), partial.data_ptr(),
                                           at::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "se_fused: CUDA forward launch failed: ", cudaGetErrorString(err));
@@ -98,7 +98,7 @@ BackwardResult backward_cuda(const Tensor& grad_y, const Tensor& x, const Tensor
   if (call.args.n == 0) return call.result();
   const CudaSchedule plan = schedule(x, call.args.r, call.args.x_strides, call.args.dw1 != nullptr);
   const Tensor sync = sync_workspace(x, plan.num_groups);
-  const Tensor partial = at::empty({call.args.n * plan.num_segments * call.args.c}, call.de.options());
+  const Tensor partial = at::empty({partial_elements(plan, call.args.n, call.args.c, call.args.r)}, call.de.options());
   const cudaError_t err = se_backward_cuda(call.args, plan, sync.data_ptr<int>(), partial.data_ptr(),
                                            at::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "se_fused: CUDA backward launch failed: ", cudaGetErrorString(err));
