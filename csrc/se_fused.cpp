@@ -387,9 +387,10 @@ PyObject* cuda_schedule(PyObject*, PyObject* args) {
     PyErr_SetString(PyExc_RuntimeError, "se_fused._C was built without the CUDA kernels");
     return nullptr;
   }
-  std::vector<int64_t> problem(12);
-  if (!PyArg_ParseTuple(args, "LLLLLLLLLLLL", &problem[0], &problem[1], &problem[2], &problem[3], &problem[4],
-                        &problem[5], &problem[6], &problem[7], &problem[8], &problem[9], &problem[10], &problem[11])) {
+  std::vector<int64_t> problem(13);
+  if (!PyArg_ParseTuple(args, "LLLLLLLLLLLLL", &problem[0], &problem[1], &problem[2], &problem[3], &problem[4],
+                        &problem[5], &problem[6], &problem[7], &problem[8], &problem[9], &problem[10], &problem[11],
+                        &problem[12])) {
     return nullptr;
   }
   const std::vector<int64_t> values = describe(problem);
@@ -413,8 +414,8 @@ PyMethodDef methods[] = {
      "The instruction set the C++ CPU kernel runs with here: DEFAULT, AVX2 or AVX512 (ATen's choice)."},
     {"set_poison_outputs", set_poison_outputs, METH_O, "NaN-fill every output buffer before the kernels write it."},
     {"cuda_schedule", cuda_schedule, METH_VARARGS,
-     "cuda_schedule(n, c, r, p, channels_inner, element_size, num_sms, l2_bytes, weight_grads, split, group_size, "
-     "num_blocks): the CUDA kernels' plan and tickets, flat (se_fused.debug.cuda_schedule reads it)."},
+     "cuda_schedule(n, c, r, p, channels_inner, element_size, num_sms, blocks_per_sm, l2_bytes, weight_grads, split, "
+     "group_size, num_blocks): the CUDA kernels' plan and tickets, flat (se_fused.debug.cuda_schedule reads it)."},
     {"set_forced_schedule", set_forced_schedule, METH_VARARGS,
      "set_forced_schedule(split, group_size, num_programs): -1 / 0 leave the CUDA schedule heuristics in charge."},
     {nullptr, nullptr, 0, nullptr}};

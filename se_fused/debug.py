@@ -127,17 +127,18 @@ CUDA_PHASES = ("reduce", "fc1", "fc2", "rescale", "weight_grads")
 
 
 def cuda_schedule(n: int, c: int, r: int, p: int, *, channels_last: bool = False, element_size: int = 2,
-                  num_sms: int = 132, l2_bytes: int = 60 * 2**20, weight_grads: bool = False,
+                  num_sms: int = 132, blocks_per_sm: int = 2, l2_bytes: int = 60 * 2**20, weight_grads: bool = False,
                   split: bool | None = None, group_size: int = 0, num_blocks: int = 0) -> tuple[dict, list[dict]]:
     """The CUDA kernels' schedule of an (N, C, R, P) problem, computed on the CPU by the kernels' own
     planner and ticket decoder (csrc/cuda/se_cuda.cu): the plan, and what each ticket stands for
-    (``phase`` one of CUDA_PHASES). The GPU's SM count and L2 size are arguments, so that any GPU's
-    schedule can be checked without one; ``split``, ``group_size`` and ``num_blocks`` force the
+    (``phase`` one of CUDA_PHASES). The GPU's SM count, L2 size and the kernel's occupancy (blocks an
+    SM holds; on a GPU the launch asks the CUDA runtime) are arguments, so that any GPU's schedule can
+    be checked without one; ``split``, ``group_size`` and ``num_blocks`` force the
     heuristics' choices, as ``force_schedule`` does for a launch."""
     if native is None or not native.with_cuda:
         raise RuntimeError("se_fused.debug.cuda_schedule needs se_fused._C built with the CUDA kernels")
-    flat = native.cuda_schedule(n, c, r, p, int(channels_last), element_size, num_sms, l2_bytes, int(weight_grads),
-                                -1 if split is None else int(split), group_size, num_blocks)
+    flat = native.cuda_schedule(n, c, r, p, int(channels_last), element_size, num_sms, blocks_per_sm, l2_bytes,
+                                int(weight_grads), -1 if split is None else int(split), group_size, num_blocks)
     k = len(CUDA_PLAN_FIELDS)
     plan = dict(zip(CUDA_PLAN_FIELDS, flat[:k]))
     width = len(CUDA_WORK_FIELDS)

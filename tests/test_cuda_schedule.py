@@ -161,3 +161,32 @@ def test_small_wide_maps_spread_the_mlp_over_many_tiles():
     plan, _ = cuda_schedule(128, 2048, 128, 49, **H200)
     assert plan["group_size"] >= 64 and plan["fc1_splits"] == 4
     assert plan["fc1_tiles"] >= 64 and plan["fc2_tiles"] >= 256
+
+
+@pytest.mark.parametrize("blocks_per_sm", [1, 2, 3])
+def test_grid_is_what_the_gpu_holds_at_once(blocks_per_sm):
+    """The grid is the SMs times the kernel's occupancy (on a GPU, the CUDA runtime's answer for the
+    kernel variant launched), never more blocks than tickets, and the batch-past-residency choice
+    (an item a sample) follows the same count."""
+    plan, _ = cuda_schedule(128, 256, 16, 56 * 56, blocks_per_sm=blocks_per_sm, **H200)
+    assert plan["num_blocks"] == 132 * blocks_per_sm
+    small, _ = cuda_schedule(4, 64, 4, 49, blocks_per_sm=blocks_per_sm, **H200)
+    assert small["num_blocks"] == small["num_tickets"] < 132
+    resident = 4 * blocks_per_sm
+    below, _ = cuda_schedule(resident - 1, 64, 8, 49, num_sms=4, blocks_per_sm=blocks_per_sm, l2_bytes=2**20)
+    at, _ = cuda_schedule(resident, 64, 8, 49, num_sms=4, blocks_per_sm=blocks_per_sm, l2_bytes=2**20)
+    assert below["split"] and not at["split"]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_short_maps_take_several_blocks_of_channels_an_item(channels_last):
+    """A ticket costs an atomic, a fence and a counter update: on 7x7 maps an item spans several
+    blocks of channels (up to ~16K elements) while the batch keeps two items a resident block;
+    56x56 segments are already that size."""
+    resident = 132 * 2
+    small, _ = cuda_schedule(128, 2048, 128, 49, channels_last=channels_last, split=True, **H200)
+    assert small["item_c"] > small["block_c"] and small["item_c"] % small["block_c"] == 0
+    assert small["item_c"] * 49 <= 16384
+    assert 128 * small["items_per_sample"] >= 2 * resident
+    large, _ = cuda_schedule(128, 256, 16, 56 * 56, channels_last=channels_last, **H200)
+    assert large["split"] and large["item_c"] == large["block_c"]

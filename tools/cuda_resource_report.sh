@@ -3,8 +3,9 @@
 # nvcc put in it; nothing is recompiled): registers, stack frame (spills live there) and shared
 # memory, then what its SASS does with memory (tools/sass_facts.py): 16-byte global loads and
 # stores (the streaming passes' width), local-memory accesses (spills, the stack around calls) and
-# how many of those sit in a streaming loop (none may: the script fails). Needs cuobjdump only (no GPU): $CUOBJDUMP, CUDA's, or
-# the one Triton ships.
+# how many of those sit in a streaming loop (none may: the script fails), and the fewest 16-byte loads
+# a streaming loop issues an iteration (at least 2, or the script fails). Needs cuobjdump only (no
+# GPU): $CUOBJDUMP, CUDA's, or the one Triton ships.
 #   tools/cuda_resource_report.sh [arch ...]      default: 80 90
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,8 +34,13 @@ for arch in "${archs[@]}"; do
         }' <<<"$resources" | demangle
     python3 tools/sass_facts.py "sm_${arch}" <<<"$sass" | demangle | tee -a "$facts"
 done
-# A spill inside a streaming loop costs bandwidth on every element: fail (CI runs this script).
+# A spill inside a streaming loop costs bandwidth on every element, and a loop with one 16-byte load
+# an iteration has too few bytes in flight to stream at the copy bandwidth: fail (CI runs this script).
 if grep -v "local_in_streaming_loops=0\$" "$facts" | grep -q SASS; then
     echo "FAIL: local-memory accesses inside a streaming loop (above)" >&2
+    exit 1
+fi
+if grep -q "loads_per_iteration=1 " "$facts"; then
+    echo "FAIL: a streaming loop with one 16-byte load an iteration (above)" >&2
     exit 1
 fi

@@ -1,7 +1,9 @@
 """What one architecture's SASS does with memory, a line per kernel (tools/cuda_resource_report.sh
 feeds it `cuobjdump -sass` of the built extension): 16-byte global loads and stores (the streaming
-passes' width), local-memory accesses (spills, the stack), and how many of those sit inside a
-streaming loop (an innermost loop with a 16-byte global load), where they would cost bandwidth.
+passes' width), local-memory accesses (spills, the stack), how many of those sit inside a
+streaming loop (an innermost loop with a 16-byte global load), where they would cost bandwidth, and
+the fewest 16-byte loads any streaming loop issues an iteration (`loads_per_iteration`; the loops
+issue their loads before their stores, so that is what a thread has in flight at least).
 
     python3 tools/sass_facts.py sm_90 < sass.txt
 """
@@ -34,8 +36,9 @@ def facts(name: str, body: list[tuple[int, str]], arch: str) -> str:
     innermost = [(lo, hi) for lo, hi in streaming
                  if not any(lo < l2 and h2 < hi for l2, h2 in streaming if (l2, h2) != (lo, hi))]
     in_loops = sum(any(lo <= a <= hi for lo, hi in innermost) for a in local)
+    per_iteration = min((count(loads, lo, hi) for lo, hi in innermost), default=0)
     return (f"{arch} {name} SASS: LDG.128={len(loads)} STG.128={stores} local={len(local)} "
-            f"local_in_streaming_loops={in_loops}")
+            f"loads_per_iteration={per_iteration} local_in_streaming_loops={in_loops}")
 
 
 def main() -> None:

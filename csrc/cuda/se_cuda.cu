@@ -6,7 +6,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <type_traits>
+#include <utility>
 
 #include "../se_math.h"
 
@@ -119,21 +122,37 @@ template <typename A, int V, bool CH_INNER, typename Term>
 __device__ void reduce_item(const Term& term, int64_t c0, int64_t c1, int64_t p0, int64_t p1, A* out) {
   using K = typename Term::Channel;
   if constexpr (!CH_INNER) {
+    // A warp walks kRows of the item's channels side by side (c, c + kWarps, ...): that many
+    // loads in flight a lane however short the rows (a 56x56 segment is two steps of a warp, a 7x7
+    // row one or two).
+    constexpr int kRows = Term::kRows;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    for (int64_t c = c0 + warp; c < c1; c += kWarps) {
-      const K kc = term.channel(c);
-      K k[V];
+    for (int64_t cw = c0 + warp; cw < c1; cw += kRows * kWarps) {
+      K k[kRows][V];
+      A acc[kRows];
 #pragma unroll
-      for (int i = 0; i < V; ++i) k[i] = kc;
-      A acc = 0;
-      for (int64_t p = p0 + lane * V; p < p1; p += 32 * V) {
-        A v[V];
-        term.load(c, p, k, v);
+      for (int j = 0; j < kRows; ++j) {
+        const int64_t c = cw + j * kWarps;
+        const K kc = c < c1 ? term.channel(c) : K{};
 #pragma unroll
-        for (int i = 0; i < V; ++i) acc += v[i];
+        for (int i = 0; i < V; ++i) k[j][i] = kc;
+        acc[j] = 0;
       }
-      acc = warp_sum(acc);
-      if (lane == 0) out[c] = acc;
+      for (int64_t p = p0 + lane * V; p < p1; p += 32 * V) {
+#pragma unroll
+        for (int j = 0; j < kRows; ++j) {
+          if (cw + j * kWarps >= c1) continue;
+          A v[V];
+          term.load(cw + j * kWarps, p, k[j], v);
+#pragma unroll
+          for (int i = 0; i < V; ++i) acc[j] += v[i];
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kRows; ++j) {
+        const A sum = warp_sum(acc[j]);
+        if (lane == 0 && cw + j * kWarps < c1) out[cw + j * kWarps] = sum;
+      }
     }
   } else {
     constexpr int kLanesC = kBlockChannelsInner / V;  // threads side by side along channels
@@ -168,35 +187,39 @@ __device__ void reduce_item(const Term& term, int64_t c0, int64_t c1, int64_t p0
 }
 
 // step.store(c, p, step.load(c, p), k) for every pack of the item, c in [c0, c1), p in [p0, p1).
-// Each thread issues the loads of Step::kUnroll positions before its first store: the inputs and the
+// Each thread issues the loads of Step::kUnroll packs before its first store: the inputs and the
 // output are not known not to alias, so a load → store → load loop keeps one load in flight per
-// thread. Steps that read two or three tensors unroll less: about as many bytes in flight, fewer
-// registers (at 4, ptxas spilled the tail's forward).
+// thread. NCHW: the packs of kUnroll channels side by side (a warp's rows; a segment of a row is
+// only a step or two of a warp); channels_last: kUnroll rows of positions. Steps that read two or
+// three tensors unroll less: about as many bytes in flight, fewer registers (at 4, ptxas spilled
+// the tail's forward).
 template <int V, bool CH_INNER, typename Step>
 __device__ void rescale_item(const Step& step, int64_t c0, int64_t c1, int64_t p0, int64_t p1) {
   constexpr int kUnroll = Step::kUnroll;
   using K = typename Step::Channel;
   using L = typename Step::Loaded;
-  // positions [p, p + kUnroll * stride) of channels [c, c + V): loads first, then the stores
-  const auto scale_positions = [&](int64_t c, int64_t p, int64_t stride, const K (&k)[V]) {
-    L raw[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (p + u * stride < p1) raw[u] = step.load(c, p + u * stride);
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (p + u * stride < p1) step.store(c, p + u * stride, raw[u], k);
-    }
-  };
   if constexpr (!CH_INNER) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    for (int64_t c = c0 + warp; c < c1; c += kWarps) {
-      const K kc = step.channel(c);
-      K k[V];
+    for (int64_t cw = c0 + warp; cw < c1; cw += kUnroll * kWarps) {
+      K k[kUnroll][V];
 #pragma unroll
-      for (int i = 0; i < V; ++i) k[i] = kc;
-      for (int64_t p = p0 + lane * V; p < p1; p += kUnroll * 32 * V) scale_positions(c, p, 32 * V, k);
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t c = cw + u * kWarps;
+        const K kc = c < c1 ? step.channel(c) : K{};
+#pragma unroll
+        for (int i = 0; i < V; ++i) k[u][i] = kc;
+      }
+      for (int64_t p = p0 + lane * V; p < p1; p += 32 * V) {
+        L raw[kUnroll] = {};  // initialised: with packs left unset, ptxas kept the array in local memory
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          if (cw + u * kWarps < c1) raw[u] = step.load(cw + u * kWarps, p);
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          if (cw + u * kWarps < c1) step.store(cw + u * kWarps, p, raw[u], k[u]);
+        }
+      }
     }
   } else {
     constexpr int kLanesC = kBlockChannelsInner / V;
@@ -207,7 +230,17 @@ __device__ void rescale_item(const Step& step, int64_t c0, int64_t c1, int64_t p
     K k[V];
 #pragma unroll
     for (int i = 0; i < V; ++i) k[i] = step.channel(c + i);
-    for (int64_t p = p0 + row; p < p1; p += kUnroll * kRows) scale_positions(c, p, kRows, k);
+    for (int64_t p = p0 + row; p < p1; p += kUnroll * kRows) {
+      L raw[kUnroll] = {};
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (p + u * kRows < p1) raw[u] = step.load(c, p + u * kRows);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (p + u * kRows < p1) step.store(c, p + u * kRows, raw[u], k);
+      }
+    }
   }
 }
 
@@ -237,6 +270,7 @@ struct NoChannelConstants {};
 template <typename T, typename A, int V>
 struct SumOfX {
   using Channel = NoChannelConstants;
+  static constexpr int kRows = 4;  // NCHW rows summed side by side: 4 loads a lane
   SampleView<const T> x;
   __device__ Channel channel(int64_t) const { return {}; }
   __device__ void load(int64_t c, int64_t p, const Channel (&)[V], A (&v)[V]) const { load_pack<T, V>(x.at(c, p), v); }
@@ -249,6 +283,7 @@ struct SumOfGradTimesX {
   struct Channel {
     A s;
   };
+  static constexpr int kRows = TAIL ? 1 : 2;  // NCHW rows side by side: 4 loads a lane (the tail's 2-3)
   SampleView<const T> g, x, y, residual;  // y: ReLU tail; residual base null: none
   SampleView<T> d_residual;               // base null: not written
   const A* e;
@@ -566,9 +601,8 @@ __device__ __forceinline__ int64_t one_split(int64_t k) { return k > 0 ? k : 1; 
 // tile mod ⌈J / kMlpOutputs⌉, then the split, then the chunk of kMlpSamples samples.
 template <Lhs KIND, typename A, typename PT>
 __device__ __forceinline__ void run_mlp_tile(const MlpProduct<A, PT>& q, int tile, int64_t n0, int64_t n1, A* smem) {
-  const int j_tiles = static_cast<int>((q.j + kMlpOutputs - 1) / kMlpOutputs);
-  const int splits = static_cast<int>((q.k + q.split_k - 1) / q.split_k);
-  const int jt = tile % j_tiles, split = tile / j_tiles % splits, chunk = tile / j_tiles / splits;
+  const int j_tiles = static_cast<int>(ceil_div(q.j, kMlpOutputs));
+  const int jt = tile % j_tiles, split = tile / j_tiles % q.out_rows, chunk = tile / j_tiles / q.out_rows;
   const int64_t m0 = n0 + static_cast<int64_t>(chunk) * kMlpSamples;
   if (m0 >= n1) return;  // a short last group's chunk beyond it
   mlp_tile<KIND>(q, m0, min(n1, m0 + kMlpSamples), static_cast<int64_t>(jt) * kMlpOutputs, split, smem);
@@ -734,7 +768,7 @@ template <typename A, typename PT>
 __device__ __noinline__ void weight_grad_tile(const WeightGrads<A, PT> q, int tile) {
   constexpr int kTile = kWeightGradTile, kRows = kTile / kWarps, kS = kWeightGradSamples;
   const int64_t C = q.c, R = q.r;
-  const int channel_tiles = static_cast<int>((C + kTile - 1) / kTile);
+  const int channel_tiles = static_cast<int>(ceil_div(C, kTile));
   const int64_t c_tile = tile % channel_tiles, r_tile = tile / channel_tiles;
   const int tx = threadIdx.x % kTile, ty = threadIdx.x / kTile;
   const int64_t c = c_tile * kTile + tx;
@@ -841,7 +875,7 @@ template <typename T, typename PT, int V, bool CH_INNER, bool TAIL>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     se_forward_kernel(ForwardArgs args, CudaSchedule s, int* sync, acc_t<T>* partial) {
   extern __shared__ __align__(16) unsigned char smem[];
-  ForwardOps<T, PT, V, CH_INNER, TAIL> ops{args, partial, s.num_segments, partial + args.n * s.num_segments * args.c,
+  ForwardOps<T, PT, V, CH_INNER, TAIL> ops{args, partial, s.num_segments, partial + mlp_rows_offset(s, args.n, args.c),
                                            s.fc1_splits, reinterpret_cast<acc_t<T>*>(smem)};
   run_schedule(s, args.n, args.c, args.p, sync, partial, ops);
 }
@@ -850,7 +884,7 @@ template <typename T, typename PT, int V, bool CH_INNER, bool TAIL>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     se_backward_kernel(BackwardArgs args, CudaSchedule s, int* sync, acc_t<T>* partial) {
   extern __shared__ __align__(16) unsigned char smem[];
-  BackwardOps<T, PT, V, CH_INNER, TAIL> ops{args, partial, s.num_segments, partial + args.n * s.num_segments * args.c,
+  BackwardOps<T, PT, V, CH_INNER, TAIL> ops{args, partial, s.num_segments, partial + mlp_rows_offset(s, args.n, args.c),
                                             s.fc1_splits, reinterpret_cast<acc_t<T>*>(smem)};
   run_schedule(s, args.n, args.c, args.p, sync, partial, ops);
 }
@@ -871,11 +905,33 @@ bool packable(bool channels_inner, int64_t c, int64_t p,
   return true;
 }
 
-template <typename Kernel, typename Args, typename Acc>
-cudaError_t launch(Kernel kernel, const Args& args, const CudaSchedule& s, int* sync, Acc* partial, size_t smem,
-                   cudaStream_t stream) {
-  kernel<<<s.num_blocks, kThreads, smem, stream>>>(args, s, sync, partial);
+template <typename Args, typename A>
+using Kernel = void (*)(Args, CudaSchedule, int*, A*);
+
+template <typename Args, typename A>
+cudaError_t launch(Kernel<Args, A> kernel, size_t smem, const Args& args, const CudaSchedule& s, int* sync,
+                   void* partial, cudaStream_t stream) {
+  kernel<<<s.num_blocks, kThreads, smem, stream>>>(args, s, sync, static_cast<A*>(partial));
   return cudaGetLastError();
+}
+
+// Blocks of `kernel` one SM of the current device holds at once (its registers, shared memory and
+// thread limits), asked of the runtime once per device and kernel.
+template <typename Args, typename A>
+cudaError_t resident_blocks(Kernel<Args, A> kernel, size_t smem, int* blocks) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, const void*>, int> known;
+  int device = 0;
+  if (const cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(device, reinterpret_cast<const void*>(kernel));
+  if (const auto it = known.find(key); it != known.end()) {
+    *blocks = it->second;
+    return cudaSuccess;
+  }
+  const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, kernel, kThreads, smem);
+  if (err == cudaSuccess) known[key] = *blocks;
+  return err;
 }
 
 // fn(std::true_type{}) or fn(std::false_type{}): a runtime flag as a template argument.
@@ -896,10 +952,10 @@ cudaError_t with_variant(bool packed, bool inner, bool tail, Fn&& fn) {
   });
 }
 
-// Picks (pack width, layout, tail) for one (x dtype, parameter dtype) pair and launches.
-template <typename T, typename PT>
-cudaError_t forward_typed(const ForwardArgs& args, const CudaSchedule& s, int* sync, void* partial,
-                          cudaStream_t stream) {
+// fn(kernel, its dynamic shared memory) with the forward kernel these arguments take: (pack width,
+// layout, tail) for one (x dtype, parameter dtype) pair.
+template <typename T, typename PT, typename Fn>
+cudaError_t with_forward_kernel(const ForwardArgs& args, Fn&& fn) {
   using A = acc_t<T>;
   constexpr int V = 16 / sizeof(T);
   const bool inner = args.x_strides.c == 1 && args.x_strides.p != 1;
@@ -908,14 +964,13 @@ cudaError_t forward_typed(const ForwardArgs& args, const CudaSchedule& s, int* s
                                    {args.residual, args.residual_strides}});
   const bool tail = args.residual != nullptr || args.out_act != OutAct::kNone;
   return with_variant<V>(packed, inner, tail, [&](auto v, auto in, auto tl) {
-    return launch(se_forward_kernel<T, PT, decltype(v)::value, decltype(in)::value, decltype(tl)::value>, args, s,
-                  sync, static_cast<A*>(partial), mlp_smem_bytes<A>(), stream);
+    return fn(se_forward_kernel<T, PT, decltype(v)::value, decltype(in)::value, decltype(tl)::value>,
+              mlp_smem_bytes<A>());
   });
 }
 
-template <typename T, typename PT>
-cudaError_t backward_typed(const BackwardArgs& args, const CudaSchedule& s, int* sync, void* partial,
-                           cudaStream_t stream) {
+template <typename T, typename PT, typename Fn>
+cudaError_t with_backward_kernel(const BackwardArgs& args, Fn&& fn) {
   using A = acc_t<T>;
   constexpr int V = 16 / sizeof(T);
   const bool inner = args.x_strides.c == 1 && args.x_strides.p != 1;
@@ -926,8 +981,8 @@ cudaError_t backward_typed(const BackwardArgs& args, const CudaSchedule& s, int*
                                    {args.d_residual, args.d_residual_strides}});
   const bool tail = args.out_act != OutAct::kNone;
   return with_variant<V>(packed, inner, tail, [&](auto v, auto in, auto tl) {
-    return launch(se_backward_kernel<T, PT, decltype(v)::value, decltype(in)::value, decltype(tl)::value>, args, s,
-                  sync, static_cast<A*>(partial), mlp_smem_bytes<A>(), stream);
+    return fn(se_backward_kernel<T, PT, decltype(v)::value, decltype(in)::value, decltype(tl)::value>,
+              mlp_smem_bytes<A>());
   });
 }
 
@@ -942,8 +997,6 @@ cudaError_t dispatch_types(const Args& args, Fn&& fn) {
   if (x == DType::kBFloat16 && p == DType::kFloat) return fn(__nv_bfloat16{}, float{});
   return cudaErrorInvalidValue;
 }
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 __host__ __device__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -988,13 +1041,13 @@ __host__ __device__ Work locate_work(int ticket, const CudaSchedule& s, int64_t 
 }
 
 CudaSchedule plan_cuda_schedule(int64_t n, int64_t c, int64_t r, int64_t p, bool channels_inner, int element_size,
-                                int num_sms, int64_t l2_bytes, bool weight_grads, int force_split,
+                                int num_sms, int blocks_per_sm, int64_t l2_bytes, bool weight_grads, int force_split,
                                 int64_t force_group_size, int64_t force_num_blocks) {
   CudaSchedule s{};
   s.wgrad_tiles = weight_grads ? static_cast<int>(ceil_div(c, kWeightGradTile) * ceil_div(r, kWeightGradTile)) : 0;
   s.block_c = channels_inner ? kBlockChannelsInner : kBlockChannelsRows;
   const int64_t channel_blocks = ceil_div(c, s.block_c);
-  const int64_t resident = force_num_blocks > 0 ? force_num_blocks : static_cast<int64_t>(num_sms) * kBlocksPerSm;
+  const int64_t resident = force_num_blocks > 0 ? force_num_blocks : static_cast<int64_t>(num_sms) * std::max(1, blocks_per_sm);
   s.split = force_split >= 0 ? force_split == 1 : !(n >= resident && c * p * element_size <= kSampleBytesPerBlock);
   if (s.split) {  // items of a block of channels and a segment of positions
     // Segments are multiples of 256 positions, so every pack width divides them.
@@ -1002,7 +1055,13 @@ CudaSchedule plan_cuda_schedule(int64_t n, int64_t c, int64_t r, int64_t p, bool
     int64_t seg = std::max<int64_t>(unit, ceil_div(kItemElements / s.block_c, unit) * unit);
     if (n * channel_blocks * ceil_div(p, seg) < 2 * resident) seg = unit;  // more, smaller items to fill the GPU
     s.seg_len = std::min(seg, ceil_div(p, unit) * unit);
-    s.item_c = s.block_c;
+    // Short maps: an item takes several blocks of channels, up to kItemElements, as long as there
+    // stay two items a resident block (a ticket, a fence and two atomics over more bytes: a 7x7
+    // item of one block of channels was 64 x 49 elements).
+    const int64_t block_elements = s.block_c * std::min(p, s.seg_len);
+    const int64_t blocks = std::min(std::max<int64_t>(1, kItemElements / block_elements),
+                                    std::max<int64_t>(1, n * channel_blocks * ceil_div(p, s.seg_len) / (2 * resident)));
+    s.item_c = static_cast<int>(std::min(channel_blocks, blocks) * s.block_c);
   } else {  // an item a sample
     s.seg_len = p;
     s.item_c = static_cast<int>(channel_blocks * s.block_c);
@@ -1030,14 +1089,30 @@ CudaSchedule plan_cuda_schedule(int64_t n, int64_t c, int64_t r, int64_t p, bool
 cudaError_t se_forward_cuda(const ForwardArgs& args, const CudaSchedule& schedule, int* sync, void* partial,
                             cudaStream_t stream) {
   return dispatch_types(args, [&](auto t, auto pt) {
-    return forward_typed<decltype(t), decltype(pt)>(args, schedule, sync, partial, stream);
+    return with_forward_kernel<decltype(t), decltype(pt)>(
+        args, [&](auto kernel, size_t smem) { return launch(kernel, smem, args, schedule, sync, partial, stream); });
   });
 }
 
 cudaError_t se_backward_cuda(const BackwardArgs& args, const CudaSchedule& schedule, int* sync, void* partial,
                              cudaStream_t stream) {
   return dispatch_types(args, [&](auto t, auto pt) {
-    return backward_typed<decltype(t), decltype(pt)>(args, schedule, sync, partial, stream);
+    return with_backward_kernel<decltype(t), decltype(pt)>(
+        args, [&](auto kernel, size_t smem) { return launch(kernel, smem, args, schedule, sync, partial, stream); });
+  });
+}
+
+cudaError_t se_forward_blocks_per_sm(const ForwardArgs& args, int* blocks) {
+  return dispatch_types(args, [&](auto t, auto pt) {
+    return with_forward_kernel<decltype(t), decltype(pt)>(
+        args, [&](auto kernel, size_t smem) { return resident_blocks(kernel, smem, blocks); });
+  });
+}
+
+cudaError_t se_backward_blocks_per_sm(const BackwardArgs& args, int* blocks) {
+  return dispatch_types(args, [&](auto t, auto pt) {
+    return with_backward_kernel<decltype(t), decltype(pt)>(
+        args, [&](auto kernel, size_t smem) { return resident_blocks(kernel, smem, blocks); });
   });
 }
 

@@ -68,18 +68,26 @@ struct Work {
 
 __host__ __device__ Work locate_work(int ticket, const CudaSchedule& s, int64_t n, int64_t c, int64_t p);
 
-// force_split: -1 lets the heuristic choose; 0 or 1 forces the regime. force_group_size and
-// force_num_blocks (split regime): 0 lets the heuristic choose.
+// num_sms x blocks_per_sm (what se_*_blocks_per_sm report for the kernel) blocks are resident at
+// once: the grid, and the wave the items and groups are sized to fill.
 // l2_bytes: the GPU's L2 size, which bounds how many small samples a group holds. weight_grads: the
 // backward sums the weight gradients in the same launch (its last tickets).
+// force_split: -1 lets the heuristic choose; 0 or 1 forces the regime. force_group_size and
+// force_num_blocks (split regime): 0 lets the heuristic choose.
 CudaSchedule plan_cuda_schedule(int64_t n, int64_t c, int64_t r, int64_t p, bool channels_inner, int element_size,
-                                int num_sms, int64_t l2_bytes, bool weight_grads, int force_split,
-                                int64_t force_group_size, int64_t force_num_blocks);
+                                int num_sms, int blocks_per_sm, int64_t l2_bytes, bool weight_grads,
+                                int force_split, int64_t force_group_size, int64_t force_num_blocks);
 
-// Accumulators (float, or double for double input) the kernels need in `partial`: the reduce
-// items' partial sums, then the fc1 tiles' partial rows.
+__host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// `partial` holds accumulators (float, or double for double input): the reduce items' partial sums
+// (N x segments x C), then from this offset the fc1 tiles' partial rows (N x fc1 splits x R).
+__host__ __device__ inline int64_t mlp_rows_offset(const CudaSchedule& s, int64_t n, int64_t c) {
+  return n * s.num_segments * c;
+}
+
 inline int64_t partial_elements(const CudaSchedule& s, int64_t n, int64_t c, int64_t r) {
-  return n * (s.num_segments * c + s.fc1_splits * r);
+  return mlp_rows_offset(s, n, c) + n * s.fc1_splits * r;
 }
 
 // `sync` points at 2 + num_groups zero-initialised ints (ticket, batch counter, one counter per
@@ -90,5 +98,10 @@ cudaError_t se_forward_cuda(const ForwardArgs& args, const CudaSchedule& schedul
                             cudaStream_t stream);
 cudaError_t se_backward_cuda(const BackwardArgs& args, const CudaSchedule& schedule, int* sync, void* partial,
                              cudaStream_t stream);
+
+// Blocks of the kernel these arguments launch that one SM of the current device holds at once
+// (asked of the CUDA runtime's occupancy calculator once per device and kernel variant).
+cudaError_t se_forward_blocks_per_sm(const ForwardArgs& args, int* blocks);
+cudaError_t se_backward_blocks_per_sm(const BackwardArgs& args, int* blocks);
 
 }  // namespace se_fused

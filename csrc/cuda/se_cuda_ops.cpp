@@ -21,13 +21,13 @@
 namespace se_fused {
 namespace {
 
-// The plan of a problem (n, c, r, p, channels_inner, element_size, num_sms, l2_bytes, weight_grads,
-// force_split, force_group_size, force_num_blocks), then each ticket's Work: the layout
-// se_fused.debug.cuda_schedule reads (CUDA_PLAN_FIELDS, CUDA_WORK_FIELDS).
+// The plan of a problem (n, c, r, p, channels_inner, element_size, num_sms, blocks_per_sm, l2_bytes,
+// weight_grads, force_split, force_group_size, force_num_blocks), then each ticket's Work: the
+// layout se_fused.debug.cuda_schedule reads (CUDA_PLAN_FIELDS, CUDA_WORK_FIELDS).
 std::vector<int64_t> describe_schedule(const std::vector<int64_t>& q) {
   const CudaSchedule s = plan_cuda_schedule(q[0], q[1], q[2], q[3], q[4] != 0, static_cast<int>(q[5]),
-                                            static_cast<int>(q[6]), q[7], q[8] != 0, static_cast<int>(q[9]), q[10],
-                                            q[11]);
+                                            static_cast<int>(q[6]), static_cast<int>(q[7]), q[8], q[9] != 0,
+                                            static_cast<int>(q[10]), q[11], q[12]);
   std::vector<int64_t> out{s.split,      s.block_c,    s.item_c,     s.seg_len,   s.num_segments,
                            s.items_per_sample, s.group_size, s.num_groups, s.fc1_splits, s.fc1_tiles,
                            s.fc2_tiles, s.wgrad_tiles, s.num_tickets, s.num_blocks};
@@ -62,12 +62,19 @@ Tensor sync_workspace(const Tensor& x, int64_t num_groups) {
   return ws;
 }
 
-CudaSchedule schedule(const Tensor& x, int64_t r, const Strides3& s, bool weight_grads) {
+// blocks_per_sm: the occupancy of the kernel variant the launch will take, on this device.
+CudaSchedule schedule(const Tensor& x, int64_t r, const Strides3& s, bool weight_grads, int blocks_per_sm) {
   const ForcedSchedule forced = forced_schedule();
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  TORCH_CHECK(blocks_per_sm > 0, "se_fused: the CUDA kernel for this input cannot run on ", props->name,
+              " (no block fits on an SM)");
   return plan_cuda_schedule(x.size(0), x.size(1), r, x.size(2) * x.size(3), s.c == 1 && s.p != 1,
-                            static_cast<int>(x.element_size()), props->multiProcessorCount, props->l2CacheSize,
-                            weight_grads, forced.split, forced.group_size, forced.num_programs);
+                            static_cast<int>(x.element_size()), props->multiProcessorCount, blocks_per_sm,
+                            props->l2CacheSize, weight_grads, forced.split, forced.group_size, forced.num_programs);
+}
+
+void check_cuda(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "se_fused: CUDA ", what, " failed: ", cudaGetErrorString(err));
 }
 
 ForwardResult forward_cuda(const Tensor& x, const Tensor& fc1_weight, const c10::optional<Tensor>& fc1_bias,
@@ -76,12 +83,14 @@ ForwardResult forward_cuda(const Tensor& x, const Tensor& fc1_weight, const c10:
   const c10::cuda::CUDAGuard guard(x.device());
   const ForwardCall call = forward_call(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate, residual, out_act);
   if (call.args.n == 0) return call.result();
-  const CudaSchedule plan = schedule(x, call.args.r, call.args.x_strides, false);
+  int blocks_per_sm = 0;
+  check_cuda(se_forward_blocks_per_sm(call.args, &blocks_per_sm), "forward occupancy query");
+  const CudaSchedule plan = schedule(x, call.args.r, call.args.x_strides, false, blocks_per_sm);
   const Tensor sync = sync_workspace(x, plan.num_groups);
   const Tensor partial = at::empty({partial_elements(plan, call.args.n, call.args.c, call.args.r)}, call.z.options());
-  const cudaError_t err = se_forward_cuda(call.args, plan, sync.data_ptr<int>(), partial.data_ptr(),
-                                          at::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, "se_fused: CUDA forward launch failed: ", cudaGetErrorString(err));
+  check_cuda(se_forward_cuda(call.args, plan, sync.data_ptr<int>(), partial.data_ptr(),
+                             at::cuda::getCurrentCUDAStream().stream()),
+             "forward launch");
   return call.result();
 }
 
@@ -96,12 +105,14 @@ BackwardResult backward_cuda(const Tensor& grad_y, const Tensor& x, const Tensor
                                           has_fc2_bias, need_dx, need_weight_grads, y, residual, out_act,
                                           need_residual_grad);
   if (call.args.n == 0) return call.result();
-  const CudaSchedule plan = schedule(x, call.args.r, call.args.x_strides, call.args.dw1 != nullptr);
+  int blocks_per_sm = 0;
+  check_cuda(se_backward_blocks_per_sm(call.args, &blocks_per_sm), "backward occupancy query");
+  const CudaSchedule plan = schedule(x, call.args.r, call.args.x_strides, call.args.dw1 != nullptr, blocks_per_sm);
   const Tensor sync = sync_workspace(x, plan.num_groups);
   const Tensor partial = at::empty({partial_elements(plan, call.args.n, call.args.c, call.args.r)}, call.de.options());
-  const cudaError_t err = se_backward_cuda(call.args, plan, sync.data_ptr<int>(), partial.data_ptr(),
-                                           at::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, "se_fused: CUDA backward launch failed: ", cudaGetErrorString(err));
+  check_cuda(se_backward_cuda(call.args, plan, sync.data_ptr<int>(), partial.data_ptr(),
+                              at::cuda::getCurrentCUDAStream().stream()),
+             "backward launch");
   return call.result();
 }
 
