@@ -179,14 +179,28 @@ def test_grid_is_what_the_gpu_holds_at_once(blocks_per_sm):
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_short_maps_take_several_blocks_of_channels_an_item(channels_last):
-    """A ticket costs an atomic, a fence and a counter update: on 7x7 maps an item spans several
-    blocks of channels (up to ~16K elements) while the batch keeps two items a resident block;
-    56x56 segments are already that size."""
+def test_short_maps_take_larger_items(channels_last):
+    """A ticket costs an atomic, a fence and a counter update: on 7x7 maps an item is ~16K elements
+    (NCHW: several blocks of 32 channels; channels_last: a step of 256 channels, where 64 gave a
+    thread 1-2 positions) while the batch keeps two items a resident block; 56x56 segments are
+    already that size."""
     resident = 132 * 2
     small, _ = cuda_schedule(128, 2048, 128, 49, channels_last=channels_last, split=True, **H200)
-    assert small["item_c"] > small["block_c"] and small["item_c"] % small["block_c"] == 0
-    assert small["item_c"] * 49 <= 16384
+    assert small["block_c"] == (256 if channels_last else 32)
+    assert small["item_c"] % small["block_c"] == 0 and 8192 <= small["item_c"] * 49 <= 16384
     assert 128 * small["items_per_sample"] >= 2 * resident
     large, _ = cuda_schedule(128, 256, 16, 56 * 56, channels_last=channels_last, **H200)
-    assert large["split"] and large["item_c"] == large["block_c"]
+    assert large["split"] and large["item_c"] == large["block_c"] == (64 if channels_last else 32)
+
+
+@pytest.mark.parametrize("c, p, element_size, block_c", [
+    (2048, 49, 2, 256), (960, 49, 2, 256), (96, 49, 2, 64), (200, 49, 2, 128), (2048, 49, 4, 128),
+    (2048, 49, 8, 64), (480, 196, 2, 64), (2048, 64, 2, 256), (2048, 100, 2, 128)])
+def test_channels_last_steps_widen_on_short_maps(c, p, element_size, block_c):
+    """channels_last walks block_c channels a step with rows of threads along positions, as many
+    rows as 256 threads x 16 bytes / block_c leave: the step widens (up to 256 channels, not past C)
+    while a thread keeps at most 8 positions to walk."""
+    plan, _ = cuda_schedule(64, c, 16, p, channels_last=True, element_size=element_size, **H200)
+    assert plan["block_c"] == block_c
+    rows = 256 * (16 // element_size) // block_c
+    assert math.ceil(p / rows) <= 8

@@ -17,8 +17,8 @@ namespace se_fused {
 namespace {
 
 constexpr int kWarps = kThreads / 32;
-constexpr int kBlockChannelsRows = 32;   // NCHW: channels per item (4 per warp)
-constexpr int kBlockChannelsInner = 64;  // channels_last: channels per item
+constexpr int kBlockChannelsRows = 32;   // NCHW: channels per step of an item's walk (4 per warp)
+constexpr int kBlockChannelsInner = 64;  // channels_last: channels per step (256 on short maps: the planner)
 constexpr int64_t kItemElements = 16384;  // per split item: amortises its atomics and partial-sum store
 constexpr int64_t kSampleBytesPerBlock = 128 * 1024;  // largest sample one block handles alone
 constexpr int kBlocksPerSm = 2;  // the kernels' __launch_bounds__: at most 128 registers
@@ -119,13 +119,13 @@ __device__ SampleView<T> optional_view(const void* ptr, const Strides3& s, int64
 
 // out[c] = Σ_{p in [p0, p1)} of the terms term.load(c, p, k, v) gives, for c in [c0, c1).
 template <typename A, int V, bool CH_INNER, typename Term>
-__device__ void reduce_item(const Term& term, int64_t c0, int64_t c1, int64_t p0, int64_t p1, A* out) {
+__device__ void reduce_item(const Term& term, int64_t c0, int64_t c1, int64_t p0, int64_t p1, int block_c, A* out) {
   using K = typename Term::Channel;
   if constexpr (!CH_INNER) {
-    // A warp walks kRows of the item's channels side by side (c, c + kWarps, ...): that many
+    // A warp walks kLoads of the item's channels side by side (c, c + kWarps, ...): that many
     // loads in flight a lane however short the rows (a 56x56 segment is two steps of a warp, a 7x7
     // row one or two).
-    constexpr int kRows = Term::kRows;
+    constexpr int kRows = Term::kLoads;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     for (int64_t cw = c0 + warp; cw < c1; cw += kRows * kWarps) {
       K k[kRows][V];
@@ -155,10 +155,10 @@ __device__ void reduce_item(const Term& term, int64_t c0, int64_t c1, int64_t p0
       }
     }
   } else {
-    constexpr int kLanesC = kBlockChannelsInner / V;  // threads side by side along channels
-    constexpr int kRows = kThreads / kLanesC;        // positions handled at once
-    __shared__ A rows[kRows][kBlockChannelsInner];
-    const int lane_c = threadIdx.x % kLanesC, row = threadIdx.x / kLanesC;
+    const int lanes_c = block_c / V;        // threads side by side along channels
+    const int rows = kThreads / lanes_c;  // positions handled at once
+    __shared__ A sums[kThreads * V];      // [rows][block_c]
+    const int lane_c = threadIdx.x % lanes_c, row = threadIdx.x / lanes_c;
     const int64_t c = c0 + lane_c * V;
     A acc[V];
 #pragma unroll
@@ -167,22 +167,33 @@ __device__ void reduce_item(const Term& term, int64_t c0, int64_t c1, int64_t p0
       K k[V];
 #pragma unroll
       for (int i = 0; i < V; ++i) k[i] = term.channel(c + i);
-      for (int64_t p = p0 + row; p < p1; p += kRows) {
-        A v[V];
-        term.load(c, p, k, v);
+      // kLoads positions at once (a loop over a runtime stride is not unrolled by nvcc)
+      for (int64_t p = p0 + row; p < p1; p += Term::kLoads * rows) {
+        A v[Term::kLoads][V];
 #pragma unroll
-        for (int i = 0; i < V; ++i) acc[i] += v[i];
+        for (int u = 0; u < Term::kLoads; ++u) {
+          if (p + u * rows < p1) {
+            term.load(c, p + u * rows, k, v[u]);
+          } else {
+#pragma unroll
+            for (int i = 0; i < V; ++i) v[u][i] = 0;
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < Term::kLoads; ++u)
+#pragma unroll
+          for (int i = 0; i < V; ++i) acc[i] += v[u][i];
       }
     }
 #pragma unroll
-    for (int i = 0; i < V; ++i) rows[row][lane_c * V + i] = acc[i];
+    for (int i = 0; i < V; ++i) sums[row * block_c + lane_c * V + i] = acc[i];
     __syncthreads();
-    if (threadIdx.x < kBlockChannelsInner && c0 + threadIdx.x < c1) {
+    if (threadIdx.x < block_c && c0 + threadIdx.x < c1) {
       A sum = 0;
-      for (int r = 0; r < kRows; ++r) sum += rows[r][threadIdx.x];
+      for (int r = 0; r < rows; ++r) sum += sums[r * block_c + threadIdx.x];
       out[c0 + threadIdx.x] = sum;
     }
-    __syncthreads();  // `rows` is reused by the next item
+    __syncthreads();  // `sums` is reused by the next item
   }
 }
 
@@ -194,7 +205,7 @@ __device__ void reduce_item(const Term& term, int64_t c0, int64_t c1, int64_t p0
 // three tensors unroll less: about as many bytes in flight, fewer registers (at 4, ptxas spilled
 // the tail's forward).
 template <int V, bool CH_INNER, typename Step>
-__device__ void rescale_item(const Step& step, int64_t c0, int64_t c1, int64_t p0, int64_t p1) {
+__device__ void rescale_item(const Step& step, int64_t c0, int64_t c1, int64_t p0, int64_t p1, int block_c) {
   constexpr int kUnroll = Step::kUnroll;
   using K = typename Step::Channel;
   using L = typename Step::Loaded;
@@ -222,23 +233,23 @@ __device__ void rescale_item(const Step& step, int64_t c0, int64_t c1, int64_t p
       }
     }
   } else {
-    constexpr int kLanesC = kBlockChannelsInner / V;
-    constexpr int kRows = kThreads / kLanesC;
-    const int lane_c = threadIdx.x % kLanesC, row = threadIdx.x / kLanesC;
+    const int lanes_c = block_c / V;
+    const int rows = kThreads / lanes_c;
+    const int lane_c = threadIdx.x % lanes_c, row = threadIdx.x / lanes_c;
     const int64_t c = c0 + lane_c * V;
     if (c >= c1) return;
     K k[V];
 #pragma unroll
     for (int i = 0; i < V; ++i) k[i] = step.channel(c + i);
-    for (int64_t p = p0 + row; p < p1; p += kUnroll * kRows) {
+    for (int64_t p = p0 + row; p < p1; p += kUnroll * rows) {
       L raw[kUnroll] = {};
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        if (p + u * kRows < p1) raw[u] = step.load(c, p + u * kRows);
+        if (p + u * rows < p1) raw[u] = step.load(c, p + u * rows);
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        if (p + u * kRows < p1) step.store(c, p + u * kRows, raw[u], k);
+        if (p + u * rows < p1) step.store(c, p + u * rows, raw[u], k);
       }
     }
   }
@@ -270,7 +281,7 @@ struct NoChannelConstants {};
 template <typename T, typename A, int V>
 struct SumOfX {
   using Channel = NoChannelConstants;
-  static constexpr int kRows = 4;  // NCHW rows summed side by side: 4 loads a lane
+  static constexpr int kLoads = 4;  // packs a lane loads before it sums them (NCHW: rows side by side)
   SampleView<const T> x;
   __device__ Channel channel(int64_t) const { return {}; }
   __device__ void load(int64_t c, int64_t p, const Channel (&)[V], A (&v)[V]) const { load_pack<T, V>(x.at(c, p), v); }
@@ -283,7 +294,7 @@ struct SumOfGradTimesX {
   struct Channel {
     A s;
   };
-  static constexpr int kRows = TAIL ? 1 : 2;  // NCHW rows side by side: 4 loads a lane (the tail's 2-3)
+  static constexpr int kLoads = TAIL ? 1 : 2;  // packs of g and x at once: 4 loads a lane (the tail's 2-3)
   SampleView<const T> g, x, y, residual;  // y: ReLU tail; residual base null: none
   SampleView<T> d_residual;               // base null: not written
   const A* e;
@@ -331,7 +342,7 @@ struct ScaleForward {
   OutAct out_act;
   __device__ Channel channel(int64_t c) const { return {gate_fn(__ldcg(e + c), gate)}; }
   __device__ Loaded load(int64_t c, int64_t p) const {
-    Loaded l;
+    Loaded l{};  // packs it does not load are zero, never read
     l.x = load_raw<T, V>(x.at(c, p));
     if constexpr (TAIL) {
       if (residual.base) l.r = load_raw<T, V>(residual.at(c, p));
@@ -376,7 +387,7 @@ struct ScaleBackward {
   OutAct out_act;
   __device__ Channel channel(int64_t c) const { return {gate_fn(__ldcg(e + c), gate), __ldcg(dzp + c)}; }
   __device__ Loaded load(int64_t c, int64_t p) const {
-    Loaded l;
+    Loaded l{};  // packs it does not load are zero, never read
     l.g = load_raw<T, V>(g.at(c, p));
     if constexpr (TAIL) {
       l.u = load_raw<T, V>(u.at(c, p));
@@ -713,10 +724,11 @@ struct ForwardOps {
   A* mlp_rows;  // the fc1 tiles' partial rows
   int fc1_splits;
   A* smem;      // the MLP tiles' shared memory
+  int block_c;  // channels a walker step covers (channels_last: lanes along channels x V)
 
   __device__ SampleView<const T> x(int64_t n) const { return sample_view<const T>(args.x, args.x_strides, n); }
   __device__ void reduce(int64_t n, int64_t c0, int64_t c1, int64_t p0, int64_t p1, A* out) const {
-    reduce_item<A, V, CH_INNER>(SumOfX<T, A, V>{x(n)}, c0, c1, p0, p1, out);
+    reduce_item<A, V, CH_INNER>(SumOfX<T, A, V>{x(n)}, c0, c1, p0, p1, block_c, out);
   }
   __device__ void fc1(int tile, int64_t n0, int64_t n1) const {
     const MlpProduct<A, PT> q{partial, num_segments, nullptr, nullptr, static_cast<A*>(args.z),
@@ -735,7 +747,7 @@ struct ForwardOps {
     const ScaleForward<T, A, V, TAIL> step{x(n), optional_view<const T>(args.residual, args.residual_strides, n),
                                            sample_view<T>(args.y, args.y_strides, n),
                                            static_cast<const A*>(args.e) + n * args.c, args.gate, args.out_act};
-    rescale_item<V, CH_INNER>(step, c0, c1, p0, p1);
+    rescale_item<V, CH_INNER>(step, c0, c1, p0, p1, block_c);
   }
 };
 
@@ -825,6 +837,7 @@ struct BackwardOps {
   A* mlp_rows;  // the fc1 tiles' partial rows
   int fc1_splits;
   A* smem;      // the MLP tiles' shared memory
+  int block_c;  // channels a walker step covers (channels_last: lanes along channels x V)
 
   __device__ SampleView<const T> view(const void* ptr, const Strides3& s, int64_t n) const {
     return sample_view<const T>(ptr, s, n);
@@ -836,7 +849,7 @@ struct BackwardOps {
         optional_view<const T>(args.residual, args.residual_strides, n),
         optional_view<T>(args.d_residual, args.d_residual_strides, n), static_cast<const A*>(args.e) + n * args.c,
         args.gate, args.out_act};
-    reduce_item<A, V, CH_INNER>(term, c0, c1, p0, p1, out);
+    reduce_item<A, V, CH_INNER>(term, c0, c1, p0, p1, block_c, out);
   }
   __device__ void fc1(int tile, int64_t n0, int64_t n1) const {
     const MlpProduct<A, PT> q{partial, num_segments, static_cast<const A*>(args.e), nullptr, static_cast<A*>(args.de),
@@ -867,7 +880,7 @@ struct BackwardOps {
         optional_view<const T>(args.residual, args.residual_strides, n), sample_view<T>(args.dx, args.dx_strides, n),
         static_cast<const A*>(args.e) + n * args.c, static_cast<const A*>(args.dzp) + n * args.c, args.gate,
         args.out_act};
-    rescale_item<V, CH_INNER>(step, c0, c1, p0, p1);
+    rescale_item<V, CH_INNER>(step, c0, c1, p0, p1, block_c);
   }
 };
 
@@ -876,7 +889,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     se_forward_kernel(ForwardArgs args, CudaSchedule s, int* sync, acc_t<T>* partial) {
   extern __shared__ __align__(16) unsigned char smem[];
   ForwardOps<T, PT, V, CH_INNER, TAIL> ops{args, partial, s.num_segments, partial + mlp_rows_offset(s, args.n, args.c),
-                                           s.fc1_splits, reinterpret_cast<acc_t<T>*>(smem)};
+                                           s.fc1_splits, reinterpret_cast<acc_t<T>*>(smem), s.block_c};
   run_schedule(s, args.n, args.c, args.p, sync, partial, ops);
 }
 
@@ -885,7 +898,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     se_backward_kernel(BackwardArgs args, CudaSchedule s, int* sync, acc_t<T>* partial) {
   extern __shared__ __align__(16) unsigned char smem[];
   BackwardOps<T, PT, V, CH_INNER, TAIL> ops{args, partial, s.num_segments, partial + mlp_rows_offset(s, args.n, args.c),
-                                            s.fc1_splits, reinterpret_cast<acc_t<T>*>(smem)};
+                                            s.fc1_splits, reinterpret_cast<acc_t<T>*>(smem), s.block_c};
   run_schedule(s, args.n, args.c, args.p, sync, partial, ops);
 }
 
@@ -922,15 +935,18 @@ cudaError_t resident_blocks(Kernel<Args, A> kernel, size_t smem, int* blocks) {
   static std::mutex mutex;
   static std::map<std::pair<int, const void*>, int> known;
   int device = 0;
-  if (const cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
-  const std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_pair(device, reinterpret_cast<const void*>(kernel));
-  if (const auto it = known.find(key); it != known.end()) {
-    *blocks = it->second;
-    return cudaSuccess;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) {
+    const std::lock_guard<std::mutex> lock(mutex);
+    const auto key = std::make_pair(device, reinterpret_cast<const void*>(kernel));
+    if (const auto it = known.find(key); it != known.end()) {
+      *blocks = it->second;
+      return cudaSuccess;
+    }
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, kernel, kThreads, smem);
+    if (err == cudaSuccess) known[key] = *blocks;
   }
-  const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, kernel, kThreads, smem);
-  if (err == cudaSuccess) known[key] = *blocks;
+  if (err != cudaSuccess) (void)cudaGetLastError();  // the caller raises it: no stale error for the next op
   return err;
 }
 
@@ -1046,6 +1062,13 @@ CudaSchedule plan_cuda_schedule(int64_t n, int64_t c, int64_t r, int64_t p, bool
   CudaSchedule s{};
   s.wgrad_tiles = weight_grads ? static_cast<int>(ceil_div(c, kWeightGradTile) * ceil_div(r, kWeightGradTile)) : 0;
   s.block_c = channels_inner ? kBlockChannelsInner : kBlockChannelsRows;
+  if (channels_inner) {
+    // Short maps: wider steps while a thread still walks at most 8 positions (its rows are
+    // kThreads x V / block_c apart, V the elements of 16 bytes): at 64 channels a step, a 7x7 map
+    // gave a thread 1-2 positions, a step of loads and two barriers each.
+    const int64_t v = 16 / element_size;
+    while (s.block_c < 256 && 2 * s.block_c <= c && 2 * s.block_c * p <= 8 * kThreads * v) s.block_c *= 2;
+  }
   const int64_t channel_blocks = ceil_div(c, s.block_c);
   const int64_t resident = force_num_blocks > 0 ? force_num_blocks : static_cast<int64_t>(num_sms) * std::max(1, blocks_per_sm);
   s.split = force_split >= 0 ? force_split == 1 : !(n >= resident && c * p * element_size <= kSampleBytesPerBlock);

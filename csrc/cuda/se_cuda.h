@@ -1,7 +1,8 @@
 // Fused SE CUDA kernels: forward in one launch, backward in one. CUDA headers only.
 //
-// Schedule (docs/DESIGN.md §3, the same as the Triton kernels): a sample's (C, P) slice is
-// cut into items (a range of channels x a segment of positions; split = false: the whole sample).
+// Schedule (docs/DESIGN.md §3; the Triton kernels' ticket order, items sized for these kernels):
+// a sample's (C, P) slice is cut into items (a range of channels x a segment of positions;
+// split = false: the whole sample).
 // Samples form groups; persistent blocks take tickets from an atomic counter, per group g:
 //   R(g)  reduce items (per-channel partial sums),
 //   M1(g) fc1 tiles: a small matrix product over kMlpSamples of the group's samples and
