@@ -156,6 +156,7 @@ int64_t check_inputs(const Tensor& x, const Tensor& w1, const c10::optional<Tens
   const int64_t r = w1.size(0);
   check_weight(w1, "fc1_weight", r, c, c, r);
   check_weight(w2, "fc2_weight", c, r, c, r);
+  TORCH_CHECK_VALUE(r > 0, "fc1_weight must have at least one output (hidden unit), got shape ", py_shape(w1.sizes()));
   for (const auto& [bias, name, size] : {std::tuple(&b1, "fc1_bias", r), std::tuple(&b2, "fc2_bias", c)}) {
     if (!*bias) continue;
     check_dims(**bias, name, 1);

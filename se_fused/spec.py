@@ -83,6 +83,8 @@ def check_inputs(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act: str, gate: 
         if tuple(wt.shape[:2]) != expected or wt.shape[2:] not in ((), (1, 1)):
             raise ValueError(f"{name} must have shape {expected} or {expected + (1, 1)} for x with {c} channels "
                              f"and fc1_weight with {r} outputs, got {tuple(wt.shape)}")
+    if r == 0:
+        raise ValueError(f"fc1_weight must have at least one output (hidden unit), got shape {tuple(fc1_weight.shape)}")
     params = [("fc1_weight", fc1_weight), ("fc2_weight", fc2_weight)]
     for name, bias, size in (("fc1_bias", fc1_bias, r), ("fc2_bias", fc2_bias, c)):
         if bias is not None:

@@ -605,9 +605,6 @@ __device__ __noinline__ void mlp_tile(const MlpProduct<A, PT> q, int64_t m0, int
   __syncthreads();  // the next tile's staging reuses the shared memory
 }
 
-// split_k of a product that is not split: all of K (at least 1, so that R = 0 divides).
-__device__ __forceinline__ int64_t one_split(int64_t k) { return k > 0 ? k : 1; }
-
 // MLP tile `tile` of a product with J outputs over the group's samples [n0, n1): output block
 // tile mod ⌈J / kMlpOutputs⌉, then the split, then the chunk of kMlpSamples samples.
 template <Lhs KIND, typename A, typename PT>
@@ -740,7 +737,7 @@ struct ForwardOps {
     const MlpProduct<A, PT> q{mlp_rows,   fc1_splits, nullptr, static_cast<const PT*>(args.b1),
                               static_cast<A*>(args.a), static_cast<const PT*>(args.w2), args.w2_stride_r,
                               args.w2_stride_c, args.r, args.c, static_cast<const PT*>(args.b2),
-                              static_cast<A*>(args.e), 1, one_split(args.r), args.p, args.act, args.gate};
+                              static_cast<A*>(args.e), 1, args.r, args.p, args.act, args.gate};
     run_mlp_tile<Lhs::kHidden>(q, tile, n0, n1, smem);
   }
   __device__ void rescale(int64_t n, int64_t c0, int64_t c1, int64_t p0, int64_t p1) const {
@@ -860,7 +857,7 @@ struct BackwardOps {
   __device__ void fc2(int tile, int64_t n0, int64_t n1) const {
     const MlpProduct<A, PT> q{mlp_rows, fc1_splits, static_cast<const A*>(args.a), nullptr, static_cast<A*>(args.da),
                               static_cast<const PT*>(args.w1), args.w1_stride_r, args.w1_stride_c, args.r, args.c,
-                              nullptr, static_cast<A*>(args.dzp), 1, one_split(args.r), args.p, args.act, args.gate};
+                              nullptr, static_cast<A*>(args.dzp), 1, args.r, args.p, args.act, args.gate};
     run_mlp_tile<Lhs::kHiddenGrad>(q, tile, n0, n1, smem);
   }
   __device__ void weight_grads(int tile) const {
