@@ -78,7 +78,8 @@ def extension_setup() -> dict:
             include_dirs=pip_cuda_include_dirs(),
             # a C string literal (torch shell-quotes each flag, so the list's ';' is safe)
             extra_compile_args={"cxx": cxx_flags + [f'-DSE_FUSED_CUDA_ARCH_LIST="{archs}"'],
-                                "nvcc": ["-O3", "--resource-usage"]},
+                                # --threads=0: one architecture's compile per core (sm_80 and sm_90 at once)
+                                "nvcc": ["-O3", "--resource-usage", "--threads=0"]},
             extra_link_args=["-fopenmp"],
         )
     else:
