@@ -117,6 +117,19 @@ __device__ SampleView<T> optional_view(const void* ptr, const Strides3& s, int64
 // gives channel c's constants (`Channel`), handed to each pack as k[V] (one value repeated in rows,
 // one per channel in channels_last); `load` and `store` read and write the pack at (c, p).
 
+// NCHW: the constants of a warp's N rows side by side, channels cw + j·kWarps (none past c1),
+// each repeated over a pack's V elements.
+template <int N, int V, typename Fn, typename K>
+__device__ __forceinline__ void row_constants(const Fn& fn, int64_t cw, int64_t c1, K (&k)[N][V]) {
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    const int64_t c = cw + j * kWarps;
+    const K kc = c < c1 ? fn.channel(c) : K{};
+#pragma unroll
+    for (int i = 0; i < V; ++i) k[j][i] = kc;
+  }
+}
+
 // out[c] = Σ_{p in [p0, p1)} of the terms term.load(c, p, k, v) gives, for c in [c0, c1).
 template <typename A, int V, bool CH_INNER, typename Term>
 __device__ void reduce_item(const Term& term, int64_t c0, int64_t c1, int64_t p0, int64_t p1, int block_c, A* out) {
@@ -129,15 +142,8 @@ __device__ void reduce_item(const Term& term, int64_t c0, int64_t c1, int64_t p0
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     for (int64_t cw = c0 + warp; cw < c1; cw += kRows * kWarps) {
       K k[kRows][V];
-      A acc[kRows];
-#pragma unroll
-      for (int j = 0; j < kRows; ++j) {
-        const int64_t c = cw + j * kWarps;
-        const K kc = c < c1 ? term.channel(c) : K{};
-#pragma unroll
-        for (int i = 0; i < V; ++i) k[j][i] = kc;
-        acc[j] = 0;
-      }
+      row_constants(term, cw, c1, k);
+      A acc[kRows] = {};
       for (int64_t p = p0 + lane * V; p < p1; p += 32 * V) {
 #pragma unroll
         for (int j = 0; j < kRows; ++j) {
@@ -213,13 +219,7 @@ __device__ void rescale_item(const Step& step, int64_t c0, int64_t c1, int64_t p
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     for (int64_t cw = c0 + warp; cw < c1; cw += kUnroll * kWarps) {
       K k[kUnroll][V];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t c = cw + u * kWarps;
-        const K kc = c < c1 ? step.channel(c) : K{};
-#pragma unroll
-        for (int i = 0; i < V; ++i) k[u][i] = kc;
-      }
+      row_constants(step, cw, c1, k);
       for (int64_t p = p0 + lane * V; p < p1; p += 32 * V) {
         L raw[kUnroll] = {};  // initialised: with packs left unset, ptxas kept the array in local memory
 #pragma unroll
