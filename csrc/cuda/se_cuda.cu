@@ -18,7 +18,7 @@ namespace {
 
 constexpr int kWarps = kThreads / 32;
 constexpr int kBlockChannelsRows = 32;   // NCHW: channels per step of an item's walk (4 per warp)
-constexpr int kBlockChannelsInner = 64;  // channels_last: channels per step (256 on short maps: the planner)
+constexpr int kBlockChannelsInner = 64;  // channels_last: channels per step (128 or 256 on short maps: the planner)
 constexpr int64_t kItemElements = 16384;  // per split item: amortises its atomics and partial-sum store
 constexpr int64_t kSampleBytesPerBlock = 128 * 1024;  // largest sample one block handles alone
 constexpr int kBlocksPerSm = 2;  // the kernels' __launch_bounds__: at most 128 registers
